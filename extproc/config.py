@@ -1,0 +1,179 @@
+"""Typed configuration: one YAML or JSON file, camelCase keys, validated at start-up.
+
+Every error names the offending key (``$.index.timeout``) on one line, so an operator
+can fix a bad file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is one line naming the key."""
+
+
+class Duration(float):
+    """Seconds, written in config as "50ms", "30s", "2m" or a bare number of seconds."""
+
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+    @classmethod
+    def parse(cls, value: Any) -> "Duration":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a duration like '50ms', got {value!r}")
+        if isinstance(value, (int, float)):
+            return cls(float(value))
+        if isinstance(value, str):
+            match = cls._PATTERN.match(value)
+            if match:
+                return cls(float(match.group(1)) * cls._UNITS[match.group(2) or "s"])
+        raise ValueError(f"expected a duration like '50ms' or '30s', got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0, got {value}")
+
+
+def _address(name: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{name} must be 'host:port', got {value!r}")
+
+
+class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class IndexConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "matrix:kv:block:"
+    timeout: Duration = Duration(0.05)
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redisUrl must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+
+class ModelConfig(_Section):
+    name: str
+    tokenizer: str = ""
+    """A local directory or hub id; empty means the model name itself is the hub id."""
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer or self.name
+
+
+class PodConfig(_Section):
+    id: str
+    address: str
+    models: list[str] = []
+    """Served model names; empty means the pod serves every configured model."""
+
+    def __post_init__(self) -> None:
+        _address("address", self.address)
+        if not self.id:
+            raise ValueError("id must not be empty")
+
+
+class TokenizationConfig(_Section):
+    workers: int = 2
+    """Threads that encode prompts, so tokenizing never blocks the event loop."""
+    max_queued: int = 64
+    """Encodes waiting for a worker beyond this fall back to load-based routing."""
+    max_loaded: int = 8
+    """Tokenizers kept in memory at once (least recently used is dropped)."""
+
+    def __post_init__(self) -> None:
+        _positive("workers", self.workers)
+        _positive("maxQueued", self.max_queued)
+        _positive("maxLoaded", self.max_loaded)
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _positive("maxBodyBytes", self.max_body_bytes)
+
+
+class Config(_Section):
+    listen: str = "127.0.0.1:9002"
+    metrics_listen: str = "127.0.0.1:9090"
+    routing_header: str = "x-gateway-destination-endpoint"
+    index: IndexConfig = IndexConfig()
+    block_size_to_hash: int = 128
+    max_blocks_to_match: int = 128
+    hash_scheme: Literal["chained", "kthena"] = "chained"
+    decision_timeout: Duration = Duration(0.3)
+    """Past this, the request is routed by load instead of waiting on tokenizer or index."""
+    tokenization: TokenizationConfig = TokenizationConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    models: list[ModelConfig] = []
+    pods: list[PodConfig] = []
+
+    def __post_init__(self) -> None:
+        _address("listen", self.listen)
+        _address("metricsListen", self.metrics_listen)
+        _positive("blockSizeToHash", self.block_size_to_hash)
+        _positive("maxBlocksToMatch", self.max_blocks_to_match)
+        _positive("decisionTimeout", self.decision_timeout)
+        if not self.routing_header or self.routing_header != self.routing_header.lower():
+            raise ValueError(f"routingHeader must be a non-empty lower-case header name, got {self.routing_header!r}")
+        _unique("models", [m.name for m in self.models])
+        _unique("pods", [p.id for p in self.pods])
+        known = {m.name for m in self.models}
+        for pod in self.pods:
+            unknown = [m for m in pod.models if m not in known]
+            if unknown:
+                raise ValueError(f"pod {pod.id!r} serves unknown model(s) {unknown}; add them under models")
+
+
+def _unique(section: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{section} lists {name!r} twice")
+        seen.add(name)
+
+
+def _dec_hook(type_: type, value: Any) -> Any:
+    if type_ is Duration:
+        return Duration.parse(value)
+    raise NotImplementedError
+
+
+def from_dict(data: Any) -> Config:
+    try:
+        return msgspec.convert(data if data is not None else {}, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a YAML or JSON file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+    return from_dict(data)

@@ -1,0 +1,129 @@
+"""A simulated vLLM pod: answers the OpenAI endpoints with its own name.
+
+Used by the quickstart, the integration tests and the benchmarks. It records what it
+received (so tests can check bodies arrive byte for byte) and calls an optional hook per
+completion request (so KV-event publishing can be layered on top).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakePod:
+    def __init__(self, pod_id: str, host: str, port: int, *, model: str = "fake-model",
+                 on_request: Callable[[str, bytes], None] | None = None):
+        self.pod_id = pod_id
+        self.model = model
+        self.on_request = on_request
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fakepod-{pod_id}", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self) -> "FakePod":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def record(self, item: Received) -> None:
+        with self._lock:
+            self.received.append(item)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def completion(self, path: str, body: bytes) -> dict:
+        try:
+            model = json.loads(body).get("model", self.model)
+        except (ValueError, AttributeError):
+            model = self.model
+        now = int(time.time())
+        usage = {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
+        if path.startswith("/v1/chat/completions"):
+            return {
+                "id": f"chatcmpl-{self.pod_id}-{now}", "object": "chat.completion", "created": now, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.pod_id},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": usage,
+            }
+        return {
+            "id": f"cmpl-{self.pod_id}-{now}", "object": "text_completion", "created": now, "model": model,
+            "choices": [{"index": 0, "text": self.pod_id, "finish_reason": "stop", "logprobs": None}],
+            "usage": usage,
+        }
+
+
+def _handler_for(pod: FakePod) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet by design
+            pass
+
+        def _reply(self, status: int, payload: dict, extra: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.send_header("x-served-by", pod.pod_id)
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/v1/models"):
+                self._reply(200, {"object": "list", "data": [{"id": pod.model, "object": "model", "owned_by": pod.pod_id}]})
+            elif self.path.startswith("/health"):
+                self._reply(200, {"status": "ok"})
+            else:
+                self._reply(404, {"error": {"message": "not found"}})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self._read_body()
+            pod.record(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            if pod.on_request is not None:
+                pod.on_request(self.path, body)
+            if self.path.startswith(("/v1/completions", "/v1/chat/completions")):
+                self._reply(200, pod.completion(self.path, body), {"x-body-sha256": hashlib.sha256(body).hexdigest()})
+            else:
+                self._reply(404, {"error": {"message": "not found"}})
+
+    return Handler

@@ -1,0 +1,57 @@
+"""Readiness on the standard gRPC health service, on the ext_proc port itself.
+
+NOT_SERVING until every configured model's tokenizer is loaded and the index has
+answered once: before that, each request would fall back to load-based routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from .index import BlockIndex
+from .server import SERVICE_NAME
+from .tokenization import TokenizerManager
+
+log = logging.getLogger("extproc.health")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Readiness:
+    SERVICES = ("", SERVICE_NAME)
+
+    def __init__(self, server: grpc.aio.Server):
+        self.servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        self.ready = False
+
+    async def set(self, ready: bool) -> None:
+        self.ready = ready
+        for service in self.SERVICES:
+            await self.servicer.set(service, SERVING if ready else NOT_SERVING)
+
+    async def become_ready(self, tokenizers: TokenizerManager, models: list[str], index: BlockIndex) -> None:
+        await self.set(False)
+        for model in models:
+            while True:
+                try:
+                    await tokenizers.get(model)
+                    break
+                except Exception as exc:  # noqa: BLE001 - keep trying; requests fall back meanwhile
+                    log.warning("not ready: %s", exc)
+                    await asyncio.sleep(tokenizers.RETRY_FAILED_LOAD_AFTER)
+        while True:
+            try:
+                await index.ping()
+                break
+            except Exception as exc:  # noqa: BLE001
+                log.warning("not ready: index did not answer: %s", exc)
+                await asyncio.sleep(1.0)
+        await self.set(True)
+        log.info("ready: %d tokenizer(s) loaded, index answered", len(models))

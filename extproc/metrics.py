@@ -1,0 +1,46 @@
+"""Every Prometheus metric the process exports, defined in one place.
+
+Metrics live on a registry owned by the process entry point (no module-level globals),
+so tests can build as many independent servers as they like.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kv_extproc_requests",
+            "Requests seen, by outcome: cache (routed by prefix), load (no prefix match), "
+            "fallback (routed by load after a failure), rejected (4xx), passthrough (not a completion call).",
+            ["outcome"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "kv_extproc_fallbacks", "Requests routed without cache awareness, by reason.", ["reason"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "kv_extproc_stage_seconds",
+            "Time spent per routing stage (parse, tokenize, hash, lookup, score, decision).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefix_ratio = Histogram(
+            "kv_extproc_matched_prefix_ratio",
+            "Fraction of the prompt's blocks cached on the chosen pod.",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
+        self.index_errors = Counter(
+            "kv_extproc_index_errors", "Index lookups that failed or timed out.", registry=r
+        )
+        self.in_flight = Gauge(
+            "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
+        )

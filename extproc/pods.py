@@ -1,0 +1,59 @@
+"""The candidate pods: who serves which model, where to send it, and what is in flight.
+
+In-flight counts are this process's own view (requests it routed whose ext_proc stream
+is still open); they break ties between equally good caches and spread cold traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .config import PodConfig
+
+
+@dataclass(eq=False, slots=True)
+class Pod:
+    id: str
+    address: str
+    models: frozenset[str] = field(default_factory=frozenset)
+    in_flight: int = 0
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+class PodPool:
+    def __init__(self, pods: Iterable[PodConfig] = ()):
+        self._pods: dict[str, Pod] = {}
+        self._turn = 0
+        self.update(pods)
+
+    def update(self, pods: Iterable[PodConfig]) -> None:
+        """Adopt a new pod list; pods that stay keep their in-flight counts."""
+        fresh: dict[str, Pod] = {}
+        for conf in pods:
+            pod = self._pods.get(conf.id) or Pod(conf.id, conf.address)
+            pod.address = conf.address
+            pod.models = frozenset(conf.models)
+            fresh[conf.id] = pod
+        self._pods = fresh
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def get(self, pod_id: str) -> Pod | None:
+        return self._pods.get(pod_id)
+
+    def all(self) -> list[Pod]:
+        return list(self._pods.values())
+
+    def candidates(self, model: str) -> list[Pod]:
+        return [pod for pod in self._pods.values() if pod.serves(model)]
+
+    def least_loaded(self, pods: Sequence[Pod]) -> Pod:
+        """Fewest in flight; equal counts take turns so cold traffic spreads evenly."""
+        fewest = min(pod.in_flight for pod in pods)
+        tied = [pod for pod in pods if pod.in_flight == fewest]
+        self._turn += 1
+        return tied[self._turn % len(tied)]

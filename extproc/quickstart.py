@@ -1,0 +1,120 @@
+"""``kv-extproc quickstart``: Envoy + kv-extproc + Redis + three simulated vLLM pods, locally.
+
+Each simulated pod records the blocks of every prompt it serves in the index, as the
+ingester does from a real engine's KV events, so the demo shows requests that share a
+system prompt following their cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import redis
+
+from . import devstack
+from .blocks import block_keys
+from .fakepod import FakePod
+from .requests import parse
+from .tokenization import load_tokenizer, tokenize_with
+
+MODEL = "Qwen/Qwen3-0.6B"
+BLOCK_SIZE = 64
+
+TENANTS = {
+    "support": "You are the support assistant of a cloud GPU provider. Answer politely, cite the runbook, "
+    "and escalate billing disputes. " * 12,
+    "legal": "You review contracts for a law firm. Flag indemnity, liability caps, termination and governing "
+    "law clauses, quoting each clause exactly. " * 12,
+}
+DEMO = [
+    ("support", "My instance will not boot."),
+    ("support", "How do I resize a volume?"),
+    ("legal", "Review clause 7 of the attached MSA."),
+    ("support", "Where is my invoice?"),
+    ("legal", "Is the liability cap mutual?"),
+]
+
+
+def _recorder(pod_id: str, tokenizer, index: redis.Redis):
+    def on_request(path: str, body: bytes) -> None:
+        try:
+            tokens = tokenize_with(tokenizer, parse(path, body))
+        except Exception:  # noqa: BLE001 - a demo pod ignores what it cannot read
+            return
+        now = repr(time.time())
+        with index.pipeline(transaction=False) as pipe:
+            for key in block_keys(tokens, BLOCK_SIZE, 128):
+                pipe.hset(f"matrix:kv:block:{MODEL}@{key}", pod_id, now)
+            pipe.execute()
+
+    return on_request
+
+
+def _post(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as reply:
+        return json.load(reply)
+
+
+def run(*, port: int = 8080, stay_up: bool = True) -> int:
+    workdir = devstack.workdir("kv-extproc-quickstart-")
+    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    redis_server = devstack.start_redis(workdir)
+    index = redis.Redis.from_url(redis_server.url)
+    pods = []
+    extproc = envoy = None
+    try:
+        for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
+            host = f"127.0.0.{n + 2}"
+            pods.append(FakePod(name, host, devstack.free_port(host), model=MODEL,
+                                on_request=_recorder(name, tokenizer, index)).start())
+        extproc = devstack.start_extproc(
+            {
+                "index": {"backend": "redis", "redisUrl": redis_server.url},
+                "blockSizeToHash": BLOCK_SIZE,
+                "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
+                "pods": [{"id": p.pod_id, "address": p.address} for p in pods],
+            },
+            workdir,
+        )
+        envoy = devstack.start_envoy(
+            devstack.render_envoy(
+                "envoy.yaml",
+                listen=f"127.0.0.1:{port or devstack.free_port()}",
+                admin=f"127.0.0.1:{devstack.free_port()}",
+                extproc=[extproc.listen],
+                pods=[p.address for p in pods],
+            ),
+            workdir,
+        )
+        print(f"Envoy on {envoy.url} -> kv-extproc on {extproc.listen} -> pods "
+              + ", ".join(f"{p.pod_id}@{p.address}" for p in pods))
+        print(f"Redis index at {redis_server.url}; logs in {workdir}\n")
+        for n, (tenant, question) in enumerate(DEMO, 1):
+            reply = _post(f"{envoy.url}/v1/chat/completions", {
+                "model": MODEL,
+                "messages": [{"role": "system", "content": TENANTS[tenant]}, {"role": "user", "content": question}],
+            })
+            print(f"request {n}: tenant={tenant:<8} {question!r:<42} -> served by {reply['choices'][0]['message']['content']}")
+        print("\nRequests of one tenant share a system prompt, so after the first they follow its cache.")
+        if stay_up:
+            print(f"\nStill up. Try:\n  curl -s {envoy.url}/v1/chat/completions -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'\n"
+                  f"  curl -s http://{extproc.config['metricsListen']}/metrics | grep kv_extproc_requests\n"
+                  "Ctrl-C stops everything.")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for part in (envoy, extproc):
+            if part is not None:
+                part.proc.stop()
+        for pod in pods:
+            pod.stop()
+        index.close()
+        redis_server.proc.stop()
+    return 0

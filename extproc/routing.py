@@ -1,0 +1,95 @@
+"""The routing decision: the best cached prefix among a model's pods, or the least loaded.
+
+Nothing here may lose a request: every failure on the way (tokenizer, index, time budget)
+ends in a load-based pick, counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .index import IndexUnavailable
+from .indexer import Indexer
+from .metrics import Metrics
+from .pods import PodPool
+from .requests import RoutingRequest
+from .scoring import Decision, choose
+from .tokenization import TokenizerBusy, TokenizerUnavailable
+
+log = logging.getLogger("extproc.routing")
+
+
+class ThrottledLog:
+    """Logs a given reason at most once per interval, so an outage does not flood logs."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def warning(self, reason: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -self._interval) >= self._interval:
+            self._last[reason] = now
+            self._logger.warning("%s (reason=%s; repeats suppressed for %.0fs)", message, reason, self._interval)
+
+
+class Router:
+    def __init__(self, pool: PodPool, indexer: Indexer, metrics: Metrics, *, decision_timeout: float):
+        self.pool = pool
+        self.indexer = indexer
+        self.metrics = metrics
+        self.decision_timeout = decision_timeout
+        self._warn = ThrottledLog(log)
+
+    async def route(self, request: RoutingRequest) -> Decision | None:
+        """The pod for this request, or None when no pod is configured at all."""
+        candidates = self.pool.candidates(request.model)
+        if not candidates:
+            if not len(self.pool):
+                return None
+            return self._fallback("unknown_model", f"no configured pod serves model {request.model!r}", self.pool.all())
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.decision_timeout):
+                match = await self.indexer.get_pod_scores(request, [pod.id for pod in candidates])
+        except TokenizerUnavailable as exc:
+            return self._fallback("tokenizer", str(exc), candidates)
+        except TokenizerBusy as exc:
+            return self._fallback("tokenizer_busy", str(exc), candidates)
+        except IndexUnavailable as exc:
+            self.metrics.index_errors.inc()
+            return self._fallback("index", str(exc), candidates)
+        except TimeoutError:
+            return self._fallback("timeout", f"no decision within {self.decision_timeout * 1000:.0f} ms", candidates)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not cost the client its request
+            log.exception("routing failed")
+            return self._fallback("error", f"{type(exc).__name__}: {exc}", candidates)
+        decision = choose(candidates, match.matched, match.total_blocks, self.pool)
+        elapsed = time.perf_counter() - started
+        for stage, seconds in match.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.stage_seconds.labels("decision").observe(elapsed)
+        if match.total_blocks:
+            self.metrics.prefix_ratio.observe(decision.matched_blocks / match.total_blocks)
+        self.metrics.requests.labels("cache" if decision.by_cache else "load").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "routed model=%s pod=%s score=%.1f matched_blocks=%d/%d by_cache=%s stages_ms=%s",
+                request.model,
+                decision.pod.id,
+                decision.score,
+                decision.matched_blocks,
+                decision.total_blocks,
+                decision.by_cache,
+                {k: round(v * 1000, 3) for k, v in match.timings.items()},
+            )
+        return decision
+
+    def _fallback(self, reason: str, message: str, candidates: list) -> Decision:
+        self.metrics.requests.labels("fallback").inc()
+        self.metrics.fallbacks.labels(reason).inc()
+        self._warn.warning(reason, f"routing by load: {message}")
+        return Decision(self.pool.least_loaded(candidates), 0.0, 0, 0, by_cache=False)

@@ -1,0 +1,167 @@
+"""The ext_proc gRPC stream: one small state machine per HTTP request.
+
+Envoy sends the request headers, then the body (one message in BUFFERED mode, chunks in
+FULL_DUPLEX_STREAMED mode). We decide at the end of the body and answer with the routing
+header and ``clear_route_cache``, so Envoy picks the route (and upstream) again.
+
+BUFFERED: headers are answered at once (minus client routing headers); the route goes in
+the body answer. FULL_DUPLEX_STREAMED: the headers answer is held until the body is
+complete, then sent with the route and a Content-Length, followed by the body, unchanged,
+in chunks. Requests that are not completion calls pass with Envoy's default route.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import betterproto2
+import grpc
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as BodyMode
+from envoy_data_plane.envoy.service.ext_proc.v3 import (
+    HttpBody,
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+    HeadersResponse,
+    BodyResponse,
+)
+
+from . import requests, responses
+from .metrics import Metrics
+from .pods import Pod
+from .requests import RequestError
+from .routing import Router
+
+log = logging.getLogger("extproc.server")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+CLIENT_HEADER_PREFIX = "x-kv-"
+
+_RESPONSE_HEADERS_CONTINUE = bytes(ProcessingResponse(response_headers=HeadersResponse()))
+_RESPONSE_BODY_CONTINUE = bytes(ProcessingResponse(response_body=BodyResponse()))
+
+
+class ExtProcService:
+    def __init__(self, router: Router, metrics: Metrics, *, routing_header: str, max_body_bytes: int):
+        self.router = router
+        self.metrics = metrics
+        self.routing_header = routing_header
+        self.max_body_bytes = max_body_bytes
+
+    async def process(self, messages: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext):
+        stream = _Stream(self)
+        try:
+            async for message in messages:
+                for answer in await stream.on_message(message):
+                    yield answer
+        finally:
+            stream.release()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self.process, request_deserializer=ProcessingRequest.parse, response_serializer=bytes
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": method})
+
+
+class _Stream:
+    """State of one HTTP request's ext_proc stream."""
+
+    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done")
+
+    def __init__(self, svc: ExtProcService):
+        self.svc = svc
+        self.full_duplex = False
+        self.path = ""
+        self.routed = False
+        self.remove: tuple[str, ...] = (svc.routing_header,)
+        self.body = bytearray()
+        self.pod: Pod | None = None
+        self.done = False
+
+    async def on_message(self, message: ProcessingRequest) -> list[bytes]:
+        kind, value = betterproto2.which_one_of(message, "request")
+        if kind == "request_headers":
+            if message.protocol_config is not None:
+                self.full_duplex = message.protocol_config.request_body_mode == BodyMode.FULL_DUPLEX_STREAMED
+            return self._on_headers(value)
+        if kind == "request_body":
+            return await self._on_body(value)
+        if kind == "request_trailers":
+            answers = [] if self.done or not self.routed or not self.full_duplex else await self._finish(False)
+            return answers + [responses.TRAILERS_CONTINUE]
+        if kind == "response_headers":
+            return [_RESPONSE_HEADERS_CONTINUE]
+        if kind == "response_body":
+            return [_RESPONSE_BODY_CONTINUE]
+        return []
+
+    def _on_headers(self, headers: HttpHeaders) -> list[bytes]:
+        path = method = ""
+        remove = [self.svc.routing_header]
+        for header in headers.headers.headers if headers.headers else ():
+            key = header.key
+            if key == ":path":
+                path = _value(header)
+            elif key == ":method":
+                method = _value(header)
+            elif key.startswith(CLIENT_HEADER_PREFIX):
+                remove.append(key)
+        self.path = path
+        self.remove = tuple(remove)
+        self.routed = method == "POST" and requests.is_routed_path(path) and not headers.end_of_stream
+        if not self.routed:
+            self.svc.metrics.requests.labels("passthrough").inc()
+        if self.routed and self.full_duplex:
+            return []  # held until the body is complete
+        return [responses.headers_continue(self.remove)]
+
+    async def _on_body(self, chunk: HttpBody) -> list[bytes]:
+        if not self.routed or self.done:
+            if self.full_duplex:
+                return responses.body_chunks(chunk.body, end_of_stream=chunk.end_of_stream)
+            return [responses.BODY_CONTINUE]
+        self.body += chunk.body
+        if len(self.body) > self.svc.max_body_bytes:
+            return [self._reject(RequestError(
+                f"request body exceeds {self.svc.max_body_bytes} bytes", status=413, code="request_too_large"
+            ))]
+        if chunk.end_of_stream:
+            return await self._finish(True)
+        return [] if self.full_duplex else [responses.BODY_CONTINUE]
+
+    async def _finish(self, end_of_stream: bool) -> list[bytes]:
+        self.done = True
+        body = bytes(self.body)
+        try:
+            parsed = requests.parse(self.path, body)
+        except RequestError as exc:
+            return [self._reject(exc)]
+        decision = await self.svc.router.route(parsed)
+        address = None
+        if decision is not None:
+            self.pod = decision.pod
+            self.pod.in_flight += 1
+            self.svc.metrics.in_flight.labels(self.pod.id).inc()
+            address = self.pod.address
+        header = self.svc.routing_header
+        if not self.full_duplex:
+            return [responses.body_route(header, address) if address else responses.BODY_CONTINUE]
+        held = responses.headers_route(header, address, self.remove) if address else responses.headers_continue(self.remove)
+        return [held, *responses.body_chunks(body, end_of_stream=end_of_stream)]
+
+    def _reject(self, error: RequestError) -> bytes:
+        self.done = True
+        self.svc.metrics.requests.labels("rejected").inc()
+        return responses.immediate(error.status, error.body(), f"kv-extproc: {error.message}")
+
+    def release(self) -> None:
+        if self.pod is not None:
+            self.pod.in_flight -= 1
+            self.svc.metrics.in_flight.labels(self.pod.id).dec()
+            self.pod = None
+
+
+def _value(header) -> str:
+    return header.raw_value.decode("latin-1") if header.raw_value else header.value

@@ -1,0 +1,144 @@
+"""Prompt -> token ids, exactly as vLLM computes them, off the event loop.
+
+vLLM renders chat messages with the model's own chat template and tokenizes the result
+without adding special tokens (the template already has them); completions are tokenized
+with the tokenizer's default special tokens. We do the same, so our block keys name the
+same tokens the engine caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from .requests import RoutingRequest
+
+# Tokenizers are read from local directories; a hub download on the request path would
+# stall routing for seconds, so it must be asked for explicitly (HF_HUB_OFFLINE=0).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class TokenizerUnavailable(Exception):
+    """No tokenizer could be loaded for the model; routing falls back to load."""
+
+
+class TokenizerBusy(Exception):
+    """Every worker is taken and the queue is full; routing falls back to load."""
+
+
+class Tokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    @property
+    def backend_tokenizer(self) -> Any: ...
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    from transformers import AutoTokenizer  # ~0.7 s to import: only when a model needs it
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def render_chat(tokenizer: Tokenizer, request: RoutingRequest) -> str:
+    kwargs = dict(request.chat_template_kwargs)
+    if request.tools:
+        kwargs["tools"] = request.tools
+    return tokenizer.apply_chat_template(
+        request.messages,
+        tokenize=False,
+        add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+        continue_final_message=request.continue_final_message,
+        **kwargs,
+    )
+
+
+def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
+    # The Rust tokenizer's encode does not mutate shared state (the Python wrapper may
+    # reconfigure truncation), so worker threads can share one tokenizer safely.
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def tokenize_with(tokenizer: Tokenizer, request: RoutingRequest) -> list[int]:
+    if request.token_ids is not None:
+        return request.token_ids
+    if request.kind == "chat":
+        return encode(tokenizer, render_chat(tokenizer, request), add_special_tokens=False)
+    return encode(tokenizer, request.prompt or "", add_special_tokens=True)
+
+
+class TokenizerManager:
+    """Loads each model's tokenizer once (bounded LRU) and encodes in a bounded thread pool."""
+
+    RETRY_FAILED_LOAD_AFTER = 30.0
+
+    def __init__(self, sources: dict[str, str], *, workers: int = 2, max_queued: int = 64, max_loaded: int = 8):
+        self._sources = dict(sources)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+        self._slots = threading.BoundedSemaphore(workers + max_queued)
+        self._max_loaded = max_loaded
+        self._loaded: OrderedDict[str, Tokenizer] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+
+    def set_sources(self, sources: dict[str, str]) -> None:
+        """Adopt a new model list; tokenizers whose source changed are reloaded lazily."""
+        for model, source in list(self._loaded.items()):
+            if sources.get(model) != self._sources.get(model):
+                del self._loaded[model]
+        self._sources = dict(sources)
+        self._failed.clear()
+
+    def loaded(self, model: str) -> bool:
+        return model in self._loaded
+
+    async def get(self, model: str) -> Tokenizer:
+        tokenizer = self._loaded.get(model)
+        if tokenizer is not None:
+            self._loaded.move_to_end(model)
+            return tokenizer
+        source = self._sources.get(model)
+        if source is None:
+            raise TokenizerUnavailable(f"no tokenizer configured for model {model!r}")
+        failed = self._failed.get(model)
+        if failed and time.monotonic() - failed[0] < self.RETRY_FAILED_LOAD_AFTER:
+            raise TokenizerUnavailable(failed[1])
+        pending = self._loading.get(model)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(model, source))
+            self._loading[model] = pending
+        return await asyncio.shield(pending)
+
+    async def _load(self, model: str, source: str) -> Tokenizer:
+        try:
+            tokenizer = await asyncio.get_running_loop().run_in_executor(self._pool, load_tokenizer, source)
+        except Exception as exc:  # noqa: BLE001 - any load failure means "route without the cache"
+            reason = f"cannot load tokenizer for {model!r} from {source!r}: {type(exc).__name__}: {exc}"
+            self._failed[model] = (time.monotonic(), reason.splitlines()[0])
+            raise TokenizerUnavailable(self._failed[model][1]) from None
+        finally:
+            self._loading.pop(model, None)
+        self._loaded[model] = tokenizer
+        while len(self._loaded) > self._max_loaded:
+            self._loaded.popitem(last=False)
+        return tokenizer
+
+    async def tokenize(self, request: RoutingRequest) -> list[int]:
+        if request.token_ids is not None:
+            return request.token_ids
+        tokenizer = await self.get(request.model)
+        if not self._slots.acquire(blocking=False):
+            raise TokenizerBusy("tokenizer queue is full")
+        # The slot is held until the worker finishes, even if the caller gave up waiting,
+        # so abandoned encodes still count against the queue bound.
+        job = self._pool.submit(tokenize_with, tokenizer, request)
+        job.add_done_callback(lambda _: self._slots.release())
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

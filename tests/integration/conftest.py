@@ -1,0 +1,149 @@
+"""Real processes on loopback: redis-server, envoy (the shipped configs), kv-extproc, fake pods.
+
+Expensive processes start once per session; tests isolate themselves by flushing Redis
+and by choosing fresh prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import redis
+
+from extproc import devstack
+from extproc.blocks import block_keys
+from extproc.fakepod import FakePod
+from tests.conftest import MODEL
+
+BLOCK_SIZE = 64
+BODY_LIMIT = 1024 * 1024
+KEY_PREFIX = "matrix:kv:block:"
+MODES = ["envoy.yaml", "envoy-full-duplex.yaml"]
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    return devstack.workdir("kv-extproc-it-")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir):
+    server = devstack.start_redis(workdir)
+    yield server
+    server.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pods() -> Iterator[dict[str, FakePod]]:
+    started = {}
+    for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
+        host = f"127.0.0.{n + 2}"
+        started[name] = FakePod(name, host, devstack.free_port(host), model=MODEL).start()
+    yield started
+    for pod in started.values():
+        pod.stop()
+
+
+def extproc_config(redis_url: str, pods: dict[str, FakePod], tokenizer_dir: str, **extra) -> dict:
+    return {
+        "index": {"backend": "redis", "redisUrl": redis_url, "keyPrefix": KEY_PREFIX, "timeout": "100ms"},
+        "blockSizeToHash": BLOCK_SIZE,
+        "maxBlocksToMatch": 128,
+        "limits": {"maxBodyBytes": BODY_LIMIT},
+        "logLevel": "debug",
+        "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
+        "pods": [{"id": pod.pod_id, "address": pod.address, "models": [MODEL]} for pod in pods.values()],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def extproc(workdir, redis_server, pods, tokenizer_dir):
+    proc = devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
+    yield proc
+    proc.proc.stop()
+
+
+def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, FakePod], workdir) -> devstack.Envoy:
+    conf = devstack.render_envoy(
+        mode,
+        listen=f"127.0.0.1:{devstack.free_port()}",
+        admin=f"127.0.0.1:{devstack.free_port()}",
+        extproc=extproc_listen,
+        pods=[pod.address for pod in pods.values()],
+    )
+    return devstack.start_envoy(conf, workdir)
+
+
+@pytest.fixture(scope="session", params=MODES, ids=["buffered", "full-duplex"])
+def envoy(request, extproc, pods, workdir):
+    proxy = envoy_for(request.param, [extproc.listen], pods, workdir)
+    yield proxy
+    proxy.proc.stop()
+
+
+@pytest.fixture()
+def index(redis_server) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture()
+def client(envoy) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{envoy.url}/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        yield c
+
+
+@pytest.fixture()
+def http(envoy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=envoy.url, timeout=20) as c:
+        yield c
+
+
+@dataclass
+class Cache:
+    """Writes index entries the way the ingester does: HSET prefix{model}@{key} pod unix-seconds."""
+
+    index: redis.Redis
+    tokenizer: object
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+
+    def keys(self, tokens: list[int]) -> list[int]:
+        return block_keys(tokens, BLOCK_SIZE, 128)
+
+    def store(self, pod: str, keys: list[int], at: float = 1_700_000_000.0) -> None:
+        for key in keys:
+            self.index.hset(f"{KEY_PREFIX}{MODEL}@{key}", pod, str(at))
+
+
+@pytest.fixture()
+def cache(index, tokenizer) -> Cache:
+    return Cache(index, tokenizer)
+
+
+def served_by(completion) -> str:
+    return completion.choices[0].message.content
+
+
+@contextlib.contextmanager
+def stack(workdir, pods, tokenizer_dir, mode="envoy.yaml", **extra):
+    """A private redis + kv-extproc + envoy, for tests that break one of them."""
+    server = devstack.start_redis(workdir)
+    proc = devstack.start_extproc(extproc_config(server.url, pods, tokenizer_dir, **extra), workdir)
+    proxy = envoy_for(mode, [proc.listen], pods, workdir)
+    try:
+        yield server, proc, proxy
+    finally:
+        proxy.proc.stop()
+        proc.proc.stop()
+        server.proc.stop()

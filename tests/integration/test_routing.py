@@ -1,0 +1,183 @@
+"""Cache-aware routing through the real Envoy, with the real tokenizer and a real Redis.
+
+Every test runs in both body modes (BUFFERED and FULL_DUPLEX_STREAMED) through the
+shipped Envoy configs; requests are sent with the official openai client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL
+from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack
+
+pytestmark = pytest.mark.integration
+
+
+def system_prompt(seed: int, words: int = 700) -> str:
+    rng = random.Random(seed)
+    vocab = ["cache", "prefix", "router", "engine", "token", "block", "policy", "tenant", "latency", "queue",
+             "the", "of", "answers", "carefully", "with", "sources", "never", "invent", "facts", "and"]
+    return f"Tenant {seed} instructions. " + " ".join(rng.choice(vocab) for _ in range(words))
+
+
+def chat(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def shared_prefix_keys(cache, system: str, users: list[str]) -> list[int]:
+    """Keys of the blocks every one of these conversations shares."""
+    key_lists = [cache.keys(cache.chat_tokens(chat(system, u))) for u in users]
+    shared = []
+    for column in zip(*key_lists):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    return shared
+
+
+def ask(client: openai.OpenAI, system: str, user: str, **kw) -> str:
+    return served_by(client.chat.completions.create(model=MODEL, messages=chat(system, user), **kw))
+
+
+def test_a_long_shared_system_prompt_lands_on_the_pod_holding_it(client, cache):
+    system = system_prompt(1)
+    users = ["What is a KV cache?", "Summarise the policy.", "Give me three facts about engines, please.", "hi"]
+    keys = shared_prefix_keys(cache, system, users)
+    assert len(keys) >= 8, "the system prompt should span many blocks"
+    cache.store("pod-b", keys)
+    assert [ask(client, system, u) for u in users] == ["pod-b"] * len(users)
+
+
+def test_a_longer_match_beats_a_shorter_one(client, cache):
+    system = system_prompt(2)
+    keys = cache.keys(cache.chat_tokens(chat(system, "question")))
+    cache.store("pod-b", keys[:2])
+    cache.store("pod-c", keys[:5])
+    cache.store("pod-a", keys[1:9])  # not from the first block: worth nothing
+    assert ask(client, system, "question") == "pod-c"
+
+
+def test_without_any_match_requests_spread_over_all_pods(client, cache):
+    served = {ask(client, system_prompt(100 + i, words=50), "hello") for i in range(6)}
+    assert served == {"pod-a", "pod-b", "pod-c"}
+
+
+def test_completions_route_by_prompt_text_and_by_token_ids(client, cache, tokenizer):
+    prompt = system_prompt(3)
+    tokens = tokenizer(prompt)["input_ids"]
+    cache.store("pod-a", cache.keys(tokens))
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1).choices[0].text
+    by_ids = client.completions.create(model=MODEL, prompt=tokens, max_tokens=1).choices[0].text
+    as_list = client.completions.create(model=MODEL, prompt=[prompt, "other"], max_tokens=1).choices[0].text
+    assert (text, by_ids, as_list) == ("pod-a", "pod-a", "pod-a")
+
+
+def test_a_client_supplied_routing_header_is_ignored(client, cache, pods):
+    system = system_prompt(4)
+    cache.store("pod-b", cache.keys(cache.chat_tokens(chat(system, "q"))))
+    spoof = {"x-gateway-destination-endpoint": pods["pod-c"].address}
+    assert ask(client, system, "q", extra_headers=spoof) == "pod-b"
+    # A header naming a host we never route to cannot redirect the request there either.
+    nowhere = {"x-gateway-destination-endpoint": "127.0.0.1:9"}
+    assert ask(client, system_prompt(5, words=30), "q", extra_headers=nowhere) in pods
+    assert pods["pod-b"].received[-1].headers["x-gateway-destination-endpoint"] == pods["pod-b"].address
+
+
+def test_bodies_reach_the_pod_byte_for_byte(http, pods):
+    raw = ('{ "model" : "%s",\n  "messages": [{"role":"user","content":"caf\\u00e9 \u2603 %s"}],'
+           '  "temperature": 0.25 }' % (MODEL, "x" * 3000)).encode()
+    reply = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 200
+    assert reply.headers["x-body-sha256"] == hashlib.sha256(raw).hexdigest()
+    pod = pods[reply.headers["x-served-by"]]
+    assert pod.received[-1].body == raw
+
+
+def test_large_bodies_are_forwarded_whole(http):
+    raw = json.dumps({"model": MODEL, "prompt": "word " * 150_000}).encode()  # ~750 KB, > one 62 KB chunk
+    reply = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 200
+    assert reply.headers["x-body-sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_other_endpoints_pass_through_with_default_routing(http, pods):
+    reply = http.get("/v1/models")
+    assert reply.status_code == 200
+    assert reply.json()["data"][0]["id"] == MODEL
+    assert reply.headers["x-served-by"] in pods
+
+
+def test_malformed_json_is_a_400_json_error_from_envoy(http, pods):
+    before = sum(p.count() for p in pods.values())
+    reply = http.post("/v1/chat/completions", content=b'{"model": "m", "messages": [', headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and "not valid JSON" in error["message"]
+    assert sum(p.count() for p in pods.values()) == before, "a rejected request must not reach a pod"
+
+
+def test_missing_messages_is_a_400_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == "messages"
+
+
+def test_a_body_over_the_limit_is_a_413_json_error(http):
+    raw = json.dumps({"model": MODEL, "prompt": "x" * (BODY_LIMIT + 10)}).encode()
+    reply = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_an_unknown_model_is_still_routed(client, extproc):
+    reply = client.completions.create(model="not-configured", prompt="hello", max_tokens=1)
+    assert reply.choices[0].text in {"pod-a", "pod-b", "pod-c"}
+    assert re.search(r'kv_extproc_fallbacks_total\{reason="unknown_model"\} [1-9]', extproc.metrics())
+
+
+def test_routing_outcomes_are_counted(client, cache, extproc):
+    system = system_prompt(6)
+    cache.store("pod-a", cache.keys(cache.chat_tokens(chat(system, "q"))))
+    before = _counter(extproc.metrics(), 'kv_extproc_requests_total{outcome="cache"}')
+    assert ask(client, system, "q") == "pod-a"
+    assert _counter(extproc.metrics(), 'kv_extproc_requests_total{outcome="cache"}') == before + 1
+
+
+def _counter(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["buffered", "full-duplex"])
+def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, tokenizer_dir, tokenizer):
+    with stack(workdir, pods, tokenizer_dir, mode) as (server, proc, proxy):
+        system = system_prompt(7)
+        import redis as redis_py
+
+        r = redis_py.Redis.from_url(server.url)
+        messages = chat(system, "q")
+        tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+        from extproc.blocks import block_keys
+
+        for key in block_keys(tokens, 64, 128):
+            r.hset(f"matrix:kv:block:{MODEL}@{key}", "pod-c", "1700000000")
+        r.close()
+        with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
+            assert served_by(client.chat.completions.create(model=MODEL, messages=messages)) == "pod-c"
+            server.proc.kill()
+            served = [served_by(client.chat.completions.create(model=MODEL, messages=messages)) for _ in range(6)]
+        assert len(served) == 6 and set(served) <= set(pods)
+        assert len(set(served)) > 1, "without the index the requests are spread by load"
+        assert _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="index"}') >= 6

@@ -1,0 +1,56 @@
+"""Scoring: only a run of blocks from the first counts; ties and zeros go by load."""
+
+from extproc.config import PodConfig
+from extproc.pods import PodPool
+from extproc.scoring import choose, matched_prefix, scores
+
+
+def pool(*ids):
+    return PodPool([PodConfig(id=i, address=f"10.0.0.{n + 1}:8000") for n, i in enumerate(ids)])
+
+
+def test_matched_prefix_counts_consecutive_blocks_from_the_first():
+    hits = [{"a": 1.0, "b": 1.0}, {"a": 1.0}, {"a": 1.0, "b": 1.0}, {"b": 1.0}]
+    assert matched_prefix(hits, ["a", "b", "c"]) == {"a": 3, "b": 1}
+
+
+def test_a_pod_missing_the_first_block_scores_nothing():
+    hits = [{"a": 1.0}, {"a": 1.0, "b": 1.0}, {"b": 1.0}]
+    assert matched_prefix(hits, ["a", "b"]) == {"a": 2}
+
+
+def test_only_candidate_pods_are_scored():
+    assert matched_prefix([{"a": 1.0, "x": 1.0}], ["a"]) == {"a": 1}
+
+
+def test_entries_older_than_not_before_do_not_count():
+    hits = [{"a": 100.0, "b": 5.0}, {"a": 100.0, "b": 100.0}]
+    assert matched_prefix(hits, ["a", "b"], not_before=50.0) == {"a": 2}
+
+
+def test_score_is_percent_of_prompt_blocks():
+    assert scores({"a": 3, "b": 1}, 4) == {"a": 75.0, "b": 25.0}
+    assert scores({}, 0) == {}
+
+
+def test_longest_prefix_wins():
+    p = pool("a", "b", "c")
+    d = choose(p.all(), {"a": 1, "b": 3}, 4, p)
+    assert (d.pod.id, d.score, d.matched_blocks, d.by_cache) == ("b", 75.0, 3, True)
+
+
+def test_ties_go_to_the_pod_with_fewer_requests_in_flight():
+    p = pool("a", "b", "c")
+    p.get("a").in_flight = 3
+    d = choose(p.all(), {"a": 2, "b": 2}, 4, p)
+    assert d.pod.id == "b"
+
+
+def test_no_match_spreads_by_load_then_round_robin():
+    p = pool("a", "b", "c")
+    picked = [choose(p.all(), {}, 4, p).pod.id for _ in range(6)]
+    assert sorted(picked) == ["a", "a", "b", "b", "c", "c"]
+    p.get("c").in_flight = 0
+    p.get("a").in_flight = 1
+    p.get("b").in_flight = 1
+    assert {choose(p.all(), {}, 4, p).pod.id for _ in range(4)} == {"c"}
