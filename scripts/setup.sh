@@ -15,4 +15,4 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
-echo "setup: $("$PYTHON" --version), $(redis-server --version | cut -d' ' -f3), envoy $(envoy --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*/RELEASE' | head -1)"
+echo "setup: $("$PYTHON" --version), redis $(redis-server --version | grep -o 'v=[0-9.]*'), envoy $(envoy --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)"

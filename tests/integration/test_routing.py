@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from extproc import devstack
 from tests.conftest import MODEL
 from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack
 
@@ -181,3 +182,41 @@ def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, toke
         assert len(served) == 6 and set(served) <= set(pods)
         assert len(set(served)) > 1, "without the index the requests are spread by load"
         assert _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="index"}') >= 6
+
+
+def test_a_redis_slower_than_the_index_timeout_does_not_hold_requests(workdir, pods, tokenizer_dir):
+    with stack(workdir, pods, tokenizer_dir) as (server, proc, proxy):
+        import redis as redis_py
+
+        admin = redis_py.Redis.from_url(server.url)
+        with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
+            admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # every Redis reply now waits 3 s
+            system = system_prompt(8)
+            served = [served_by(client.chat.completions.create(model=MODEL, messages=chat(system, f"q{i}"))) for i in range(3)]
+        admin.close()
+        assert set(served) <= set(pods)
+        assert _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="index"}') >= 3
+
+
+def test_a_missing_tokenizer_does_not_lose_requests(workdir, pods, tokenizer_dir, tmp_path):
+    server = devstack.start_redis(workdir)
+    from tests.integration.conftest import envoy_for, extproc_config
+
+    conf = extproc_config(server.url, pods, tokenizer_dir)
+    conf["models"] = [{"name": MODEL, "tokenizer": str(tmp_path / "no-such-tokenizer")}]
+    proc = devstack.start_extproc(conf, workdir, wait_ready=False)
+    proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
+    try:
+        with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
+            served = [served_by(client.chat.completions.create(model=MODEL, messages=chat("s", f"q{i}"))) for i in range(3)]
+        assert set(served) <= set(pods)
+        metrics = proc.metrics()
+        assert _counter(metrics, 'kv_extproc_requests_total{outcome="fallback"}') == 3
+        # The first may give up waiting on the load attempt (reason "timeout"); once it has
+        # failed, requests fall back at once for the tokenizer.
+        assert _counter(metrics, 'kv_extproc_fallbacks_total{reason="tokenizer"}') >= 1
+        assert "cannot load tokenizer" in proc.proc.log()
+    finally:
+        proxy.proc.stop()
+        proc.proc.stop()
+        server.proc.stop()

@@ -1,0 +1,41 @@
+"""The Envoy configs we ship load in the Envoy we ship with, and stay in step."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from extproc import devstack
+
+CONFIGS = sorted(p.name for p in devstack.ENVOY_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_config_validates(name):
+    result = subprocess.run(
+        ["envoy", "--mode", "validate", "-c", str(devstack.ENVOY_DIR / name)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _ext_proc(conf: dict) -> dict:
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+
+
+def test_variants_differ_from_the_default_only_in_processing_mode():
+    base = yaml.safe_load((devstack.ENVOY_DIR / "envoy.yaml").read_text())
+    duplex = yaml.safe_load((devstack.ENVOY_DIR / "envoy-full-duplex.yaml").read_text())
+    assert _ext_proc(duplex)["typed_config"]["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    for conf in (base, duplex):
+        _ext_proc(conf)["typed_config"].pop("processing_mode")
+    assert base == duplex
+
+
+def test_the_routing_header_is_stripped_before_ext_proc_runs():
+    conf = yaml.safe_load((devstack.ENVOY_DIR / "envoy.yaml").read_text())
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index("envoy.filters.http.header_mutation") < names.index("envoy.filters.http.ext_proc")
+    mutation = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]["typed_config"]
+    assert {"remove": "x-gateway-destination-endpoint"} in mutation["mutations"]["request_mutations"]
