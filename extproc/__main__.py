@@ -1,4 +1,4 @@
-"""Command line: ``kv-extproc serve|quickstart``. Builds the objects and owns the event loop."""
+"""Command line: ``kv-extproc serve|ingest|quickstart``. Builds the objects and owns the event loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import uvloop
 
 from . import config as config_mod
 from .config import Config, ConfigError
+from .events.ingest import Ingester
 from .health import Readiness
 from .index import open_index
 from .indexer import Indexer
@@ -34,7 +35,7 @@ def setup_logging(level: str) -> None:
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+async def serve(config: Config) -> None:
     metrics = Metrics()
     tokenizers = TokenizerManager(
         {m.name: m.tokenizer_source for m in config.models},
@@ -50,6 +51,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         block_size=config.block_size_to_hash,
         max_blocks=config.max_blocks_to_match,
         scheme=config.hash_scheme,
+        max_entry_age=config.index.max_entry_age,
     )
     router = Router(pool, indexer, metrics, decision_timeout=config.decision_timeout)
     service = ExtProcService(
@@ -63,32 +65,61 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         raise ConfigError(f"cannot listen on {config.listen}")
     await server.start()
 
-    from prometheus_client import start_http_server
-
-    host, _, port = config.metrics_listen.rpartition(":")
-    metrics_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+    ingester = None
+    if config.ingest.enabled:
+        ingester = Ingester(index, config, metrics)
+        await ingester.start()
+    metrics_server = _serve_metrics(config, metrics)
     log.info(
         "kv-extproc serving ext_proc on %s (index=%s, %d pods, %d models), metrics on http://%s/metrics",
         config.listen, config.index.backend, len(pool), len(config.models), config.metrics_listen,
     )
 
     preloading = asyncio.ensure_future(readiness.become_ready(tokenizers, [m.name for m in config.models], index))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     try:
-        await stop.wait()
+        await _until_signal()
     finally:
         log.info("shutting down: finishing open streams (up to %.0fs)", SHUTDOWN_GRACE_SECONDS)
         preloading.cancel()
         await readiness.set(False)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
+        if ingester is not None:
+            await ingester.stop()
         metrics_server.shutdown()
         await index.close()
         tokenizers.close()
+
+
+async def ingest(config: Config) -> None:
+    """The ingester alone: one per fleet is enough, and two are safe (writes are idempotent)."""
+    metrics = Metrics()
+    index = open_index(config.index)
+    ingester = Ingester(index, config, metrics)
+    await ingester.start()
+    metrics_server = _serve_metrics(config, metrics)
+    log.info("kv-extproc ingesting KV events from %d pod(s) into the %s index", len(ingester.feeds), config.index.backend)
+    try:
+        await _until_signal()
+    finally:
+        await ingester.stop()
+        metrics_server.shutdown()
+        await index.close()
+
+
+def _serve_metrics(config: Config, metrics: Metrics):
+    from prometheus_client import start_http_server
+
+    host, _, port = config.metrics_listen.rpartition(":")
+    server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+    return server
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the ext_proc server")
     serve_p.add_argument("--config", help="YAML or JSON config file (default: embedded defaults)")
+    ingest_p = sub.add_parser("ingest", help="run the KV event ingester alone")
+    ingest_p.add_argument("--config", help="YAML or JSON config file (default: embedded defaults)")
     quick_p = sub.add_parser("quickstart", help="run Envoy + kv-extproc + Redis + 3 simulated pods locally")
     quick_p.add_argument("--port", type=int, default=8080, help="Envoy listener port (0 picks a free one)")
     quick_p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo requests")
@@ -112,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level)
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config) if args.command == "serve" else ingest(config))
     except ConfigError as exc:
         print(f"kv-extproc: {exc}", file=sys.stderr)
         return 2

@@ -57,10 +57,17 @@ class IndexConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "matrix:kv:block:"
+    meta_prefix: str = "matrix:kv:"
+    """Prefix of the ingester's own keys (per-pod records, engine maps, invalidation channel)."""
     timeout: Duration = Duration(0.05)
+    max_entry_age: Duration = Duration(0)
+    """Entries stored longer ago are ignored and expired (0 = never). vLLM does not re-announce
+    blocks that stay cached, so keep this well above how long a hot prefix stays resident."""
 
     def __post_init__(self) -> None:
         _positive("timeout", self.timeout)
+        if self.max_entry_age < 0:
+            raise ValueError("maxEntryAge must not be negative")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redisUrl must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
 
@@ -80,11 +87,40 @@ class PodConfig(_Section):
     address: str
     models: list[str] = []
     """Served model names; empty means the pod serves every configured model."""
+    kv_events: str = ""
+    """The pod's KV event publisher, e.g. tcp://10.0.0.5:5557 (vLLM --kv-events-config endpoint)."""
+    kv_replay: str = ""
+    """Its replay endpoint (vLLM replay_endpoint), to fill gaps instead of starting over."""
 
     def __post_init__(self) -> None:
         _address("address", self.address)
         if not self.id:
             raise ValueError("id must not be empty")
+        for name, endpoint in (("kvEvents", self.kv_events), ("kvReplay", self.kv_replay)):
+            if endpoint and "://" not in endpoint:
+                raise ValueError(f"{name} must be a ZMQ endpoint like tcp://host:5557, got {endpoint!r}")
+
+
+class IngestConfig(_Section):
+    enabled: bool = False
+    """Run the ingester inside ``serve`` (single replica, quickstart); else run ``kv-extproc ingest``."""
+    engine_block_size: int = 16
+    """vLLM's --block-size; blockSizeToHash must be a multiple of it."""
+    bind: str = ""
+    """Central mode: bind here (e.g. tcp://*:5557); pods connect and publish with topic kv@<pod-id>@<model>."""
+    topic: str = ""
+    """Subscription prefix on per-pod endpoints (vLLM's "topic"; empty takes every topic)."""
+    replay_timeout: Duration = Duration(2.0)
+    pod_silence_timeout: Duration = Duration(0)
+    """Drop a pod's entries after this long without events (0 = never: idle pods publish nothing)."""
+    janitor_interval: Duration = Duration(60.0)
+
+    def __post_init__(self) -> None:
+        _positive("engineBlockSize", self.engine_block_size)
+        _positive("replayTimeout", self.replay_timeout)
+        _positive("janitorInterval", self.janitor_interval)
+        if self.pod_silence_timeout < 0:
+            raise ValueError("podSilenceTimeout must not be negative")
 
 
 class TokenizationConfig(_Section):
@@ -120,6 +156,7 @@ class Config(_Section):
     """Past this, the request is routed by load instead of waiting on tokenizer or index."""
     tokenization: TokenizationConfig = TokenizationConfig()
     limits: LimitsConfig = LimitsConfig()
+    ingest: IngestConfig = IngestConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     models: list[ModelConfig] = []
     pods: list[PodConfig] = []
@@ -132,10 +169,17 @@ class Config(_Section):
         _positive("decisionTimeout", self.decision_timeout)
         if not self.routing_header or self.routing_header != self.routing_header.lower():
             raise ValueError(f"routingHeader must be a non-empty lower-case header name, got {self.routing_header!r}")
+        if self.block_size_to_hash % self.ingest.engine_block_size:
+            raise ValueError(
+                f"blockSizeToHash ({self.block_size_to_hash}) must be a multiple of "
+                f"ingest.engineBlockSize ({self.ingest.engine_block_size})"
+            )
         _unique("models", [m.name for m in self.models])
         _unique("pods", [p.id for p in self.pods])
         known = {m.name for m in self.models}
         for pod in self.pods:
+            if (pod.kv_events or self.ingest.bind) and not pod.models and len(self.models) > 1:
+                raise ValueError(f"pod {pod.id!r} publishes KV events but its models are not listed; list them")
             unknown = [m for m in pod.models if m not in known]
             if unknown:
                 raise ValueError(f"pod {pod.id!r} serves unknown model(s) {unknown}; add them under models")

@@ -1,5 +1,8 @@
 """A simulated vLLM pod: answers the OpenAI endpoints with its own name.
 
+With a SimulatedEngine it also keeps a prefix cache and publishes real vLLM KV events
+(``POST /reset_prefix_cache`` empties it, as vLLM's dev endpoint does).
+
 Used by the quickstart, the integration tests and the benchmarks. It records what it
 received (so tests can check bodies arrive byte for byte) and calls an optional hook per
 completion request (so KV-event publishing can be layered on top).
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .fakeengine import SimulatedEngine
+
 
 @dataclass(frozen=True)
 class Received:
@@ -25,10 +30,11 @@ class Received:
 
 class FakePod:
     def __init__(self, pod_id: str, host: str, port: int, *, model: str = "fake-model",
-                 on_request: Callable[[str, bytes], None] | None = None):
+                 on_request: Callable[[str, bytes], None] | None = None, engine: SimulatedEngine | None = None):
         self.pod_id = pod_id
         self.model = model
         self.on_request = on_request
+        self.engine = engine
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -47,6 +53,8 @@ class FakePod:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        if self.engine is not None and self.engine.publisher is not None:
+            self.engine.publisher.close()
 
     def record(self, item: Received) -> None:
         with self._lock:
@@ -122,7 +130,12 @@ def _handler_for(pod: FakePod) -> type[BaseHTTPRequestHandler]:
             if pod.on_request is not None:
                 pod.on_request(self.path, body)
             if self.path.startswith(("/v1/completions", "/v1/chat/completions")):
-                self._reply(200, pod.completion(self.path, body), {"x-body-sha256": hashlib.sha256(body).hexdigest()})
+                cached = pod.engine.serve(self.path, body) if pod.engine is not None else 0
+                self._reply(200, pod.completion(self.path, body),
+                            {"x-body-sha256": hashlib.sha256(body).hexdigest(), "x-cached-tokens": str(cached)})
+            elif self.path == "/reset_prefix_cache" and pod.engine is not None:
+                pod.engine.reset()
+                self._reply(200, {"status": "ok"})
             else:
                 self._reply(404, {"error": {"message": "not found"}})
 

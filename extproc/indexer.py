@@ -31,12 +31,14 @@ class Indexer:
         block_size: int,
         max_blocks: int,
         scheme: HashScheme,
+        max_entry_age: float = 0.0,
     ):
         self.tokenizers = tokenizers
         self.index = index
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.scheme = scheme
+        self.max_entry_age = max_entry_age
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
         return block_keys(tokens, self.block_size, self.max_blocks, self.scheme)
@@ -50,7 +52,8 @@ class Indexer:
         t2 = time.perf_counter()
         hits = await self.index.lookup(request.model, keys) if keys else []
         t3 = time.perf_counter()
-        matched = matched_prefix(hits, pod_ids)
+        not_before = time.time() - self.max_entry_age if self.max_entry_age else 0.0
+        matched = matched_prefix(hits, pod_ids, not_before)
         t4 = time.perf_counter()
         timings.update(tokenize=t1 - t0, hash=t2 - t1, lookup=t3 - t2, score=t4 - t3)
         return PrefixMatch(matched, len(keys), timings)

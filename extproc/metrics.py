@@ -41,6 +41,36 @@ class Metrics:
         self.index_errors = Counter(
             "kv_extproc_index_errors", "Index lookups that failed or timed out.", registry=r
         )
+        self.events = Counter(
+            "kv_extproc_kv_events", "KV events ingested, by type.", ["type"], registry=r
+        )
+        self.event_decode_errors = Counter(
+            "kv_extproc_kv_event_decode_errors", "KV event frames or events that could not be used.", registry=r
+        )
+        self.sequence_gaps = Counter(
+            "kv_extproc_kv_event_sequence_gaps", "Gaps in a publisher's sequence numbers.", ["pod"], registry=r
+        )
+        self.replays = Counter(
+            "kv_extproc_kv_event_replays", "Replay requests, by result (ok, incomplete, failed).", ["result"], registry=r
+        )
+        self.pod_purges = Counter(
+            "kv_extproc_pod_purges",
+            "Times a pod's index entries were dropped, by reason (cleared, restart, gap, silent, unconfigured, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.router_blocks_written = Counter(
+            "kv_extproc_router_blocks_written", "Router blocks recorded in the index for a pod.", registry=r
+        )
+        self.expired_entries = Counter(
+            "kv_extproc_expired_entries", "Index entries removed for being older than maxEntryAge.", registry=r
+        )
+        self.ingest_lag = Histogram(
+            "kv_extproc_kv_event_lag_seconds",
+            "From the engine's batch timestamp to the ingester applying it.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )

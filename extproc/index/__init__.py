@@ -2,39 +2,112 @@
 
 Two backends share one interface: ``memory`` for a single replica and the quickstart,
 ``redis`` for fleets where many replicas and the ingester share one index.
+
+Besides the blocks, the write side keeps per pod:
+- a record of the blocks it holds, so a pod can be dropped without scanning the keyspace;
+- its engine-block map (engine hash -> what our keys were built from), so a restarted
+  ingester can still apply the pod's removals and extend its chains.
+Every write that removes or adds a pod to a block is announced on an invalidation feed,
+so serve replicas can drop cached mappings that are no longer true.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from ..config import IndexConfig
 
 PodTimes = dict[str, float]
 """pod id -> unix seconds at which it stored the block."""
 
+BlockRef = tuple[str, int]
+"""(model, block key)."""
+
 
 class IndexUnavailable(Exception):
     """The index could not answer (down, timed out); routing falls back to load."""
 
 
+@dataclass(slots=True)
+class Writes:
+    """One pod's index changes from a run of KV events, applied in one round trip.
+
+    A later event wins over an earlier one for the same block (stored then removed is
+    removed; removed then stored again is stored), so runs can be merged safely.
+    """
+
+    at: float = 0.0
+    """Timestamp of the batch being applied (the engine's clock), given to what it stores."""
+    stored: dict[BlockRef, float] = field(default_factory=dict)
+    removed: set[BlockRef] = field(default_factory=set)
+    engine_put: dict[str, bytes] = field(default_factory=dict)
+    engine_del: set[str] = field(default_factory=set)
+
+    def store(self, ref: BlockRef) -> None:
+        self.removed.discard(ref)
+        self.stored[ref] = self.at
+
+    def remove(self, ref: BlockRef) -> None:
+        self.stored.pop(ref, None)
+        self.removed.add(ref)
+
+    def put_engine(self, eid: str, packed: bytes) -> None:
+        self.engine_del.discard(eid)
+        self.engine_put[eid] = packed
+
+    def del_engine(self, eid: str) -> None:
+        self.engine_put.pop(eid, None)
+        self.engine_del.add(eid)
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.removed or self.engine_put or self.engine_del)
+
+
+class Invalidation(msgspec.Struct, array_like=True, frozen=True):
+    """A pod gained or lost blocks; sent to every serve replica."""
+
+    pod: str
+    removed: list[tuple[str, int]] = []
+    stored: list[tuple[str, int]] = []
+    cleared: bool = False
+
+
+InvalidationListener = Callable[[Invalidation], None]
+
+
 class BlockIndex(Protocol):
+    # Read side (the request path).
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         """For each key in order, the pods holding that block (empty dict when none)."""
         ...
 
-    async def store(self, model: str, keys: Sequence[int], pod: str, at: float) -> None: ...
-
-    async def remove(self, model: str, keys: Sequence[int], pod: str) -> None: ...
-
     async def ping(self) -> None: ...
 
+    # Write side (the ingester).
+    async def apply(self, pod: str, writes: Writes) -> None: ...
+
+    async def purge_pod(self, pod: str) -> int:
+        """Drop every block of the pod and its engine map; returns blocks dropped."""
+        ...
+
+    async def expire(self, pod: str, older_than: float) -> int:
+        """Drop the pod's blocks stored before ``older_than`` (unix seconds)."""
+        ...
+
+    async def pods(self) -> set[str]:
+        """Pods that have blocks or an engine map in the index."""
+        ...
+
+    async def load_engine_map(self, pod: str) -> dict[str, bytes]: ...
+
+    # Invalidation feed (serve replicas).
+    async def subscribe(self, listener: InvalidationListener) -> None: ...
+
     async def close(self) -> None: ...
-
-
-def redis_key(prefix: str, model: str, key: int) -> str:
-    return f"{prefix}{model}@{key}"
 
 
 def open_index(config: IndexConfig) -> BlockIndex:

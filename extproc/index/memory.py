@@ -4,31 +4,77 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import PodTimes
+from . import BlockRef, Invalidation, InvalidationListener, PodTimes, Writes
 
 
 class MemoryIndex:
     def __init__(self) -> None:
-        self._blocks: dict[tuple[str, int], PodTimes] = {}
+        self._blocks: dict[BlockRef, PodTimes] = {}
+        self._held: dict[str, set[BlockRef]] = {}
+        self._engine: dict[str, dict[str, bytes]] = {}
+        self._listeners: list[InvalidationListener] = []
 
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         blocks = self._blocks
         return [dict(blocks.get((model, key), ())) for key in keys]
 
-    async def store(self, model: str, keys: Sequence[int], pod: str, at: float) -> None:
-        for key in keys:
-            self._blocks.setdefault((model, key), {})[pod] = at
-
-    async def remove(self, model: str, keys: Sequence[int], pod: str) -> None:
-        for key in keys:
-            holders = self._blocks.get((model, key))
-            if holders is not None:
-                holders.pop(pod, None)
-                if not holders:
-                    del self._blocks[(model, key)]
-
     async def ping(self) -> None:
         return None
 
+    async def apply(self, pod: str, writes: Writes) -> None:
+        held = self._held.setdefault(pod, set())
+        for ref, at in writes.stored.items():
+            self._blocks.setdefault(ref, {})[pod] = at
+            held.add(ref)
+        for ref in writes.removed:
+            self._drop(ref, pod)
+            held.discard(ref)
+        engine = self._engine.setdefault(pod, {})
+        engine.update(writes.engine_put)
+        for eid in writes.engine_del:
+            engine.pop(eid, None)
+        if writes.removed or writes.stored:
+            self._announce(Invalidation(pod, sorted(writes.removed), sorted(writes.stored)))
+
+    def _drop(self, ref: BlockRef, pod: str) -> None:
+        holders = self._blocks.get(ref)
+        if holders is not None:
+            holders.pop(pod, None)
+            if not holders:
+                del self._blocks[ref]
+
+    async def purge_pod(self, pod: str) -> int:
+        held = self._held.pop(pod, set())
+        for ref in held:
+            self._drop(ref, pod)
+        self._engine.pop(pod, None)
+        self._announce(Invalidation(pod, sorted(held), cleared=True))
+        return len(held)
+
+    async def expire(self, pod: str, older_than: float) -> int:
+        held = self._held.get(pod, set())
+        old = [ref for ref in held if self._blocks.get(ref, {}).get(pod, older_than) < older_than]
+        for ref in old:
+            self._drop(ref, pod)
+            held.discard(ref)
+        if old:
+            self._announce(Invalidation(pod, old))
+        return len(old)
+
+    async def pods(self) -> set[str]:
+        return {pod for pod, held in self._held.items() if held} | {pod for pod, m in self._engine.items() if m}
+
+    async def load_engine_map(self, pod: str) -> dict[str, bytes]:
+        return dict(self._engine.get(pod, {}))
+
+    async def subscribe(self, listener: InvalidationListener) -> None:
+        self._listeners.append(listener)
+
+    def _announce(self, message: Invalidation) -> None:
+        for listener in self._listeners:
+            listener(message)
+
     async def close(self) -> None:
         self._blocks.clear()
+        self._held.clear()
+        self._engine.clear()

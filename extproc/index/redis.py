@@ -2,25 +2,45 @@
 
 A lookup is one pipelined round trip (HGETALL per block, no MULTI) bounded by
 ``index.timeout``; any failure surfaces as IndexUnavailable so routing can fall back.
+
+Write-side keys, beside the blocks (``metaPrefix`` defaults to ``matrix:kv:``):
+- ``{meta}pod:{pod}``: set of ``{model}@{key}`` the pod holds (drop a pod without KEYS);
+- ``{meta}engine:{pod}``: hash engine block id -> packed engine block (ingester restarts);
+- ``{meta}pods``: set of pods with anything above;
+- channel ``{meta}invalidate``: msgpack Invalidation per change, for serve replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..config import IndexConfig
-from . import IndexUnavailable, PodTimes, redis_key
+from . import BlockRef, IndexUnavailable, Invalidation, InvalidationListener, PodTimes, Writes
+
+log = logging.getLogger("extproc.index.redis")
+
+WRITE_TIMEOUT = 10.0
+CHUNK = 5000
+
+_encode_invalidation = msgspec.msgpack.Encoder().encode
+_decode_invalidation = msgspec.msgpack.Decoder(Invalidation).decode
 
 
 class RedisIndex:
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str, timeout: float):
+    def __init__(self, client: aioredis.Redis, *, key_prefix: str, meta_prefix: str, timeout: float):
         self._client = client
         self._prefix = key_prefix
+        self._meta = meta_prefix
         self._timeout = timeout
+        self._channel = f"{meta_prefix}invalidate"
+        self._listeners: list[InvalidationListener] = []
+        self._subscriber: asyncio.Task | None = None
 
     @classmethod
     def from_config(cls, config: IndexConfig) -> "RedisIndex":
@@ -29,40 +49,162 @@ class RedisIndex:
             socket_connect_timeout=max(config.timeout, 1.0),
             health_check_interval=30,
         )
-        return cls(client, key_prefix=config.key_prefix, timeout=config.timeout)
+        return cls(client, key_prefix=config.key_prefix, meta_prefix=config.meta_prefix, timeout=config.timeout)
 
-    async def _run(self, pipe: aioredis.client.Pipeline) -> list:
+    def _block(self, model: str, key: int) -> str:
+        return f"{self._prefix}{model}@{key}"
+
+    def _held(self, pod: str) -> str:
+        return f"{self._meta}pod:{pod}"
+
+    def _engine(self, pod: str) -> str:
+        return f"{self._meta}engine:{pod}"
+
+    async def _run(self, pipe: aioredis.client.Pipeline, timeout: float | None = None) -> list:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 return await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+
+    # -- read side -------------------------------------------------------------------
 
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         if not keys:
             return []
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.hgetall(redis_key(self._prefix, model, key))
+            pipe.hgetall(self._block(model, key))
         replies = await self._run(pipe)
         return [{pod.decode(): float(at) for pod, at in reply.items()} for reply in replies]
-
-    async def store(self, model: str, keys: Sequence[int], pod: str, at: float) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hset(redis_key(self._prefix, model, key), pod, repr(at))
-        await self._run(pipe)
-
-    async def remove(self, model: str, keys: Sequence[int], pod: str) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hdel(redis_key(self._prefix, model, key), pod)
-        await self._run(pipe)
 
     async def ping(self) -> None:
         pipe = self._client.pipeline(transaction=False)
         pipe.ping()
         await self._run(pipe)
 
+    # -- write side ------------------------------------------------------------------
+
+    async def apply(self, pod: str, writes: Writes) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        held = self._held(pod)
+        for (model, key), at in writes.stored.items():
+            pipe.hset(self._block(model, key), pod, repr(at))
+        if writes.stored:
+            pipe.sadd(held, *(f"{m}@{k}" for m, k in writes.stored))
+        for model, key in writes.removed:
+            pipe.hdel(self._block(model, key), pod)
+        if writes.removed:
+            pipe.srem(held, *(f"{m}@{k}" for m, k in writes.removed))
+        if writes.engine_put:
+            pipe.hset(self._engine(pod), mapping=writes.engine_put)
+        if writes.engine_del:
+            pipe.hdel(self._engine(pod), *writes.engine_del)
+        if writes.stored or writes.engine_put:
+            pipe.sadd(f"{self._meta}pods", pod)
+        if writes.stored or writes.removed:
+            message = Invalidation(pod, sorted(writes.removed), sorted(writes.stored))
+            pipe.publish(self._channel, _encode_invalidation(message))
+        await self._run(pipe, WRITE_TIMEOUT)
+
+    async def _drop(self, pod: str, refs: list[BlockRef], *, cleared: bool = False) -> None:
+        for start in range(0, len(refs), CHUNK):
+            chunk = refs[start : start + CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for model, key in chunk:
+                pipe.hdel(self._block(model, key), pod)
+            pipe.srem(self._held(pod), *(f"{m}@{k}" for m, k in chunk))
+            await self._run(pipe, WRITE_TIMEOUT)
+        if refs or cleared:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.publish(self._channel, _encode_invalidation(Invalidation(pod, refs, cleared=cleared)))
+            await self._run(pipe, WRITE_TIMEOUT)
+
+    async def _held_refs(self, pod: str) -> list[BlockRef]:
+        try:
+            members = await asyncio.wait_for(self._client.smembers(self._held(pod)), WRITE_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        refs = []
+        for member in members:
+            model, _, key = member.decode().rpartition("@")
+            refs.append((model, int(key)))
+        return refs
+
+    async def purge_pod(self, pod: str) -> int:
+        refs = await self._held_refs(pod)
+        await self._drop(pod, refs, cleared=True)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.delete(self._held(pod), self._engine(pod))
+        pipe.srem(f"{self._meta}pods", pod)
+        await self._run(pipe, WRITE_TIMEOUT)
+        return len(refs)
+
+    async def expire(self, pod: str, older_than: float) -> int:
+        refs = await self._held_refs(pod)
+        old: list[BlockRef] = []
+        for start in range(0, len(refs), CHUNK):
+            chunk = refs[start : start + CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for model, key in chunk:
+                pipe.hget(self._block(model, key), pod)
+            for ref, at in zip(chunk, await self._run(pipe, WRITE_TIMEOUT)):
+                if at is None or float(at) < older_than:
+                    old.append(ref)
+        await self._drop(pod, old)
+        return len(old)
+
+    async def pods(self) -> set[str]:
+        try:
+            members = await asyncio.wait_for(self._client.smembers(f"{self._meta}pods"), WRITE_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        return {m.decode() for m in members}
+
+    async def load_engine_map(self, pod: str) -> dict[str, bytes]:
+        try:
+            raw = await asyncio.wait_for(self._client.hgetall(self._engine(pod)), WRITE_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        return {k.decode(): v for k, v in raw.items()}
+
+    # -- invalidation feed -----------------------------------------------------------
+
+    async def subscribe(self, listener: InvalidationListener) -> None:
+        """Deliver every Invalidation published by any ingester; reconnects on its own."""
+        self._listeners.append(listener)
+        if self._subscriber is None:
+            ready = asyncio.Event()
+            self._subscriber = asyncio.ensure_future(self._listen(ready))
+            await ready.wait()
+
+    async def _listen(self, ready: asyncio.Event) -> None:
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                ready.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        invalidation = _decode_invalidation(message["data"])
+                    except msgspec.DecodeError:
+                        log.warning("ignoring a malformed invalidation message")
+                        continue
+                    for listener in self._listeners:
+                        listener(invalidation)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("invalidation feed lost (%s); resubscribing", exc)
+                ready.set()
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()
+
     async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            await asyncio.gather(self._subscriber, return_exceptions=True)
         await self._client.aclose()
