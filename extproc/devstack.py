@@ -220,16 +220,16 @@ class ExtProc:
             return reply.read().decode()
 
 
-def start_extproc(config: dict[str, Any], workdir: Path, *, name: str = "kv-extproc", wait_ready: bool = True) -> ExtProc:
-    """``kv-extproc serve`` as a child process; the config gets free ports where unset."""
+def start_extproc(config: dict[str, Any], workdir: Path, *, command: str = "serve", wait_ready: bool = True) -> ExtProc:
+    """``kv-extproc serve`` (or ``ingest``) as a child process; the config gets free ports where unset."""
     config = {"listen": f"127.0.0.1:{free_port()}", "metricsListen": f"127.0.0.1:{free_port()}", **config}
-    path = workdir / f"{name}-{config['listen'].rpartition(':')[2]}.json"
+    path = workdir / f"kv-extproc-{command}-{config['metricsListen'].rpartition(':')[2]}.json"
     path.write_text(json.dumps(config, indent=2))
-    proc = _spawn(path.stem, [sys.executable, "-m", "extproc", "serve", "--config", str(path)], workdir,
+    proc = _spawn(path.stem, [sys.executable, "-m", "extproc", command, "--config", str(path)], workdir,
                   env={"PYTHONPATH": str(REPO_ROOT)})
-    host, _, port = config["listen"].rpartition(":")
+    host, _, port = (config["listen"] if command == "serve" else config["metricsListen"]).rpartition(":")
     wait_tcp(host, int(port), timeout=60, proc=proc)
-    if wait_ready:
+    if wait_ready and command == "serve":
         wait_serving(config["listen"], timeout=60, proc=proc)
     return ExtProc(proc, config, path)
 

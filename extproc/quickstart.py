@@ -1,8 +1,8 @@
 """``kv-extproc quickstart``: Envoy + kv-extproc + Redis + three simulated vLLM pods, locally.
 
-Each simulated pod records the blocks of every prompt it serves in the index, as the
-ingester does from a real engine's KV events, so the demo shows requests that share a
-system prompt following their cache.
+Each simulated pod keeps a prefix cache and publishes vLLM KV events over ZMQ; kv-extproc
+ingests them (``ingest.enabled``) into Redis, so the demo shows requests that share a
+system prompt following the cache their pod reports.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import json
 import time
 import urllib.request
 
-import redis
-
 from . import devstack
-from .blocks import block_keys
+from .fakeengine import EngineCache, KVEventPublisher, SimulatedEngine
 from .fakepod import FakePod
 from .requests import parse
 from .tokenization import load_tokenizer, tokenize_with
@@ -37,21 +35,6 @@ DEMO = [
 ]
 
 
-def _recorder(pod_id: str, tokenizer, index: redis.Redis):
-    def on_request(path: str, body: bytes) -> None:
-        try:
-            tokens = tokenize_with(tokenizer, parse(path, body))
-        except Exception:  # noqa: BLE001 - a demo pod ignores what it cannot read
-            return
-        now = repr(time.time())
-        with index.pipeline(transaction=False) as pipe:
-            for key in block_keys(tokens, BLOCK_SIZE, 128):
-                pipe.hset(f"matrix:kv:block:{MODEL}@{key}", pod_id, now)
-            pipe.execute()
-
-    return on_request
-
-
 def _post(url: str, payload: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as reply:
@@ -63,20 +46,24 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
     tokenizer_dir = devstack.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
     redis_server = devstack.start_redis(workdir)
-    index = redis.Redis.from_url(redis_server.url)
     pods = []
     extproc = envoy = None
     try:
         for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
             host = f"127.0.0.{n + 2}"
-            pods.append(FakePod(name, host, devstack.free_port(host), model=MODEL,
-                                on_request=_recorder(name, tokenizer, index)).start())
+            engine = SimulatedEngine(
+                lambda path, body: tokenize_with(tokenizer, parse(path, body)),
+                EngineCache(capacity_blocks=4096, block_size=16),
+                KVEventPublisher(f"tcp://{host}:*"),
+            )
+            pods.append(FakePod(name, host, devstack.free_port(host), model=MODEL, engine=engine).start())
         extproc = devstack.start_extproc(
             {
                 "index": {"backend": "redis", "redisUrl": redis_server.url},
                 "blockSizeToHash": BLOCK_SIZE,
                 "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
-                "pods": [{"id": p.pod_id, "address": p.address} for p in pods],
+                "ingest": {"enabled": True, "engineBlockSize": 16},
+                "pods": [{"id": p.pod_id, "address": p.address, "kvEvents": p.engine.publisher.endpoint} for p in pods],
             },
             workdir,
         )
@@ -99,7 +86,9 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
                 "messages": [{"role": "system", "content": TENANTS[tenant]}, {"role": "user", "content": question}],
             })
             print(f"request {n}: tenant={tenant:<8} {question!r:<42} -> served by {reply['choices'][0]['message']['content']}")
-        print("\nRequests of one tenant share a system prompt, so after the first they follow its cache.")
+            time.sleep(0.3)  # the pod's KV events reach the index within milliseconds; leave a margin
+        print("\nRequests of one tenant share a system prompt: after the first, its pod's KV events put the")
+        print("prompt's blocks in the index, and the rest follow that cache.")
         if stay_up:
             print(f"\nStill up. Try:\n  curl -s {envoy.url}/v1/chat/completions -H 'content-type: application/json' "
                   f"-d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'\n"
@@ -115,6 +104,5 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
                 part.proc.stop()
         for pod in pods:
             pod.stop()
-        index.close()
         redis_server.proc.stop()
     return 0

@@ -1,0 +1,21 @@
+"""``python -m bench``: run every benchmark, print each table, write bench/results/*.json."""
+
+from __future__ import annotations
+
+import argparse
+
+PARTS = ("decision", "ingest")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("parts", nargs="*", choices=PARTS, help="which parts to run (default: all)")
+    args = parser.parse_args()
+    for part in args.parts or PARTS:
+        module = __import__(f"bench.{part}", fromlist=["run"])
+        print(f"== {part}")
+        module.run()
+
+
+if __name__ == "__main__":
+    main()
