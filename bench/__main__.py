@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("decision", "ingest")
+PARTS = ("decision", "prefixcache", "ingest")
 
 
 def main() -> None:

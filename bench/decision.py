@@ -16,6 +16,7 @@ from extproc import devstack, responses
 from extproc.blocks import block_keys
 from extproc.config import IndexConfig, PodConfig
 from extproc.index.memory import MemoryIndex
+from extproc.index import Writes
 from extproc.index.redis import RedisIndex
 from extproc.indexer import Indexer
 from extproc.metrics import Metrics
@@ -58,7 +59,7 @@ async def run_async(rounds: int = ROUNDS) -> dict:
             tokens = tokenize_with(tokenizer, parse("/v1/chat/completions", body))
             keys = block_keys(tokens, 128, 128)
             for name, index in indexes.items():
-                await index.store(MODEL, keys, "pod-3", time.time())
+                await index.apply("pod-3", Writes(stored={(MODEL, k): time.time() for k in keys}))
                 tokenizers = TokenizerManager({MODEL: tokenizer_dir}, workers=2)
                 await tokenizers.get(MODEL)
                 router = Router(PodPool(pods), Indexer(tokenizers, index, block_size=128, max_blocks=128,

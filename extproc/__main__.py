@@ -19,6 +19,7 @@ from .index import open_index
 from .indexer import Indexer
 from .metrics import Metrics
 from .pods import PodPool
+from .prefixcache import PrefixCache, PrefixCacheConfig
 from .routing import Router
 from .server import ExtProcService
 from .tokenization import TokenizerManager
@@ -45,6 +46,7 @@ async def serve(config: Config) -> None:
     )
     index = open_index(config.index)
     pool = PodPool(config.pods)
+    cache = build_cache(config)
     indexer = Indexer(
         tokenizers,
         index,
@@ -52,7 +54,13 @@ async def serve(config: Config) -> None:
         max_blocks=config.max_blocks_to_match,
         scheme=config.hash_scheme,
         max_entry_age=config.index.max_entry_age,
+        cache=cache,
     )
+    background: list[asyncio.Future] = []
+    if cache is not None:
+        metrics.watch_cache(indexer.get_cache_stats)
+        await index.subscribe(indexer.on_invalidation)
+        background.append(asyncio.ensure_future(_clean_cache(cache, config.cache_cleanup_interval)))
     router = Router(pool, indexer, metrics, decision_timeout=config.decision_timeout)
     service = ExtProcService(
         router, metrics, routing_header=config.routing_header, max_body_bytes=config.limits.max_body_bytes
@@ -81,6 +89,8 @@ async def serve(config: Config) -> None:
     finally:
         log.info("shutting down: finishing open streams (up to %.0fs)", SHUTDOWN_GRACE_SECONDS)
         preloading.cancel()
+        for task in background:
+            task.cancel()
         await readiness.set(False)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
         if ingester is not None:
@@ -104,6 +114,28 @@ async def ingest(config: Config) -> None:
         await ingester.stop()
         metrics_server.shutdown()
         await index.close()
+
+
+def build_cache(config: Config) -> PrefixCache | None:
+    if not config.enable_pod_mapping_cache:
+        return None
+    store = config.prefix_store_config
+    return PrefixCache(PrefixCacheConfig(
+        chunk_chars=store.block_size,
+        max_chunks=store.max_entries,
+        enable_pod_mappings=store.enable_pod_mapping_cache,
+        pod_mapping_ttl=store.pod_mapping_ttl,
+        max_pod_sets_per_block=store.max_pod_sets_per_block,
+        max_mappings=store.max_pod_mappings,
+    ))
+
+
+async def _clean_cache(cache: PrefixCache, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        removed = cache.cleanup_expired_mappings()
+        if removed:
+            log.debug("prefix cache: %d expired pod mappings removed", removed)
 
 
 def _serve_metrics(config: Config, metrics: Metrics):

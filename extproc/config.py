@@ -144,6 +144,25 @@ class LimitsConfig(_Section):
         _positive("maxBodyBytes", self.max_body_bytes)
 
 
+class PrefixStoreConfig(_Section):
+    enable_pod_mapping_cache: bool = True
+    """Cache index lookups per prompt (off: the prefix store still saves tokenizing)."""
+    pod_mapping_ttl: Duration = msgspec.field(default=Duration(30.0), name="podMappingTTL")
+    max_pod_sets_per_block: int = 5
+    block_size: int = 256
+    """Characters of prompt text per prefix-store chunk."""
+    max_entries: int = 100_000
+    """Text chunks kept (LRU); about 0.4 KB each, so ~40 MB at the default."""
+    max_pod_mappings: int = 50_000
+    """Prompts whose lookup result is kept (LRU); ~1-3 KB each for long prompts."""
+
+    def __post_init__(self) -> None:
+        _positive("podMappingTTL", self.pod_mapping_ttl)
+        for name, value in (("maxPodSetsPerBlock", self.max_pod_sets_per_block), ("blockSize", self.block_size),
+                            ("maxEntries", self.max_entries), ("maxPodMappings", self.max_pod_mappings)):
+            _positive(name, value)
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:9002"
     metrics_listen: str = "127.0.0.1:9090"
@@ -157,6 +176,10 @@ class Config(_Section):
     tokenization: TokenizationConfig = TokenizationConfig()
     limits: LimitsConfig = LimitsConfig()
     ingest: IngestConfig = IngestConfig()
+    enable_pod_mapping_cache: bool = True
+    """The prefix cache as a whole; off gives the uncached pipeline (same decisions, slower)."""
+    cache_cleanup_interval: Duration = Duration(60.0)
+    prefix_store_config: PrefixStoreConfig = PrefixStoreConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     models: list[ModelConfig] = []
     pods: list[PodConfig] = []
@@ -167,6 +190,7 @@ class Config(_Section):
         _positive("blockSizeToHash", self.block_size_to_hash)
         _positive("maxBlocksToMatch", self.max_blocks_to_match)
         _positive("decisionTimeout", self.decision_timeout)
+        _positive("cacheCleanupInterval", self.cache_cleanup_interval)
         if not self.routing_header or self.routing_header != self.routing_header.lower():
             raise ValueError(f"routingHeader must be a non-empty lower-case header name, got {self.routing_header!r}")
         if self.block_size_to_hash % self.ingest.engine_block_size:

@@ -1,16 +1,26 @@
-"""Prompt -> per-pod matched prefix: tokenize, key the blocks, one index lookup."""
+"""Prompt -> per-pod matched prefix: tokenize, key the blocks, one index lookup.
+
+With the prefix cache, a prompt whose lookup result is cached (full hit) skips both the
+tokenizer and Redis; one whose prefix text was seen (partial hit) tokenizes only the rest
+and asks Redis; a new one (miss) takes the full pipeline and is cached. Any error in the
+cache falls back to the full pipeline.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .blocks import HashScheme, block_keys
-from .index import BlockIndex
+from .index import FEED_LOST, BlockIndex, Invalidation, PodTimes
+from .prefixcache import CachedPodMapping, CacheStats, PrefixCache, pod_set_hash
 from .requests import RoutingRequest
 from .scoring import matched_prefix
-from .tokenization import TokenizerManager
+from .tokenization import TokenizerManager, encode, prompt_text
+
+log = logging.getLogger("extproc.indexer")
 
 
 @dataclass(slots=True)
@@ -20,6 +30,21 @@ class PrefixMatch:
     total_blocks: int
     timings: dict[str, float] = field(default_factory=dict)
     """stage -> seconds, for metrics and the per-decision debug line."""
+    cache: str = "off"
+    """hit, partial, miss or off."""
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What the tokenizer thread hands back to the event loop."""
+
+    outcome: str
+    tokens: list[int] | None = None
+    mapping: CachedPodMapping | None = None
+    block_hash: int | None = None
+    cached_tokens: int = 0
+    store: Callable[[], None] | None = None
+    """Caches the newly tokenized chunks; run after the decision, off the critical path."""
 
 
 class Indexer:
@@ -32,6 +57,7 @@ class Indexer:
         max_blocks: int,
         scheme: HashScheme,
         max_entry_age: float = 0.0,
+        cache: PrefixCache | None = None,
     ):
         self.tokenizers = tokenizers
         self.index = index
@@ -39,11 +65,76 @@ class Indexer:
         self.max_blocks = max_blocks
         self.scheme = scheme
         self.max_entry_age = max_entry_age
+        self.cache = cache
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
         return block_keys(tokens, self.block_size, self.max_blocks, self.scheme)
 
     async def get_pod_scores(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
+        if self.cache is None or request.token_ids is not None:
+            return await self._uncached(request, pod_ids)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prepared = await self.tokenizers.run(request.model, self._prepare, request, pod_set_hash(pod_ids))
+        t1 = time.perf_counter()
+        timings["tokenize"] = t1 - t0
+        if prepared.mapping is not None:
+            keys = prepared.mapping.kv_block_keys
+            hits: list[PodTimes] = [prepared.mapping.key_to_pods.get(k, {}) for k in keys]
+            log.debug("CACHE HIT blocks=%d hit_keys=%d", len(keys), len(prepared.mapping.hit_keys))
+        else:
+            assert prepared.tokens is not None
+            keys = self.keys(prepared.tokens)
+            t2 = time.perf_counter()
+            timings["hash"] = t2 - t1
+            epoch = self.cache.epoch()
+            hits = await self.index.lookup(request.model, keys) if keys else []
+            t1 = time.perf_counter()
+            timings["lookup"] = t1 - t2
+            debug = log.isEnabledFor(logging.DEBUG)
+            if debug:
+                log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", prepared.outcome,
+                          len(prepared.tokens), prepared.cached_tokens, len(keys))
+            if prepared.block_hash is not None and self.cache.cache_pod_mappings(
+                prepared.block_hash, pod_ids, keys, hits, since_epoch=epoch, total_tokens=len(prepared.tokens)
+            ) and debug:
+                log.debug("CACHED tokens=%d keys=%d hit_keys=%d", len(prepared.tokens), len(keys),
+                          sum(1 for h in hits if h))
+        self.cache.record(prepared.outcome)
+        matched = matched_prefix(hits, pod_ids, self._not_before())
+        timings["score"] = time.perf_counter() - t1
+        if prepared.store is not None:
+            # Filling the prefix store waits until the decision is made: it is for later requests.
+            self.tokenizers.background(self._store, prepared.store)
+        return PrefixMatch(matched, len(keys), timings, prepared.outcome)
+
+    def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int) -> _Prepared:
+        """On a tokenizer thread: render, look in the cache, tokenize what it lacks."""
+        text, add_special_tokens = prompt_text(tokenizer, request)
+        cache = self.cache
+        assert cache is not None
+        try:
+            hashes, block_hash = cache.chunk_hashes(text, request.model, add_special_tokens)
+            mapping = cache.get_mapping(block_hash, set_hash)
+            if mapping is not None:
+                return _Prepared("hit", mapping=mapping, block_hash=block_hash)
+            tokens, cached, store = cache.tokenize_deferred(
+                tokenizer, text, request.model, add_special_tokens=add_special_tokens, hashes=hashes
+            )
+            outcome = "partial" if cached.tokens else "miss"
+            return _Prepared(outcome, tokens, None, block_hash, len(cached.tokens), store)
+        except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
+            log.exception("prefix cache failed; using the full pipeline")
+            return _Prepared("error", encode(tokenizer, text, add_special_tokens=add_special_tokens))
+
+    @staticmethod
+    def _store(store: Callable[[], None]) -> None:
+        try:
+            store()
+        except Exception:  # noqa: BLE001 - losing a cache fill only costs a later tokenize
+            log.exception("prefix store fill failed")
+
+    async def _uncached(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         tokens = await self.tokenizers.tokenize(request)
@@ -52,8 +143,27 @@ class Indexer:
         t2 = time.perf_counter()
         hits = await self.index.lookup(request.model, keys) if keys else []
         t3 = time.perf_counter()
-        not_before = time.time() - self.max_entry_age if self.max_entry_age else 0.0
-        matched = matched_prefix(hits, pod_ids, not_before)
+        matched = matched_prefix(hits, pod_ids, self._not_before())
         t4 = time.perf_counter()
         timings.update(tokenize=t1 - t0, hash=t2 - t1, lookup=t3 - t2, score=t4 - t3)
         return PrefixMatch(matched, len(keys), timings)
+
+    def _not_before(self) -> float:
+        return time.time() - self.max_entry_age if self.max_entry_age else 0.0
+
+    # -- cache maintenance -----------------------------------------------------------
+
+    def invalidate_cache_for_kv_events(self, keys: Iterable[int]) -> int:
+        return self.cache.invalidate_pod_mappings_for_keys(keys) if self.cache is not None else 0
+
+    def on_invalidation(self, message: Invalidation) -> None:
+        """Listener for the index's invalidation feed (every store and removal, any pod)."""
+        if self.cache is None:
+            return
+        if message.pod == FEED_LOST:
+            self.cache.invalidate_all()  # changes may have been missed: trust nothing cached
+            return
+        self.invalidate_cache_for_kv_events([key for _, key in message.removed] + [key for _, key in message.stored])
+
+    def get_cache_stats(self) -> CacheStats:
+        return self.cache.get_cache_stats() if self.cache is not None else CacheStats()

@@ -6,7 +6,11 @@ so tests can build as many independent servers as they like.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -71,6 +75,29 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "kv_extproc_prefix_cache_lookups", "Routing decisions by prefix cache outcome (hit, partial, miss).",
+            ["outcome"], registry=r,
+        )
         self.in_flight = Gauge(
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )
+
+    def watch_cache(self, get_stats: Callable) -> None:
+        """Export the prefix cache's own statistics, read at scrape time."""
+        self.registry.register(_CacheCollector(get_stats))
+
+
+class _CacheCollector(Collector):
+    def __init__(self, get_stats: Callable):
+        self._get_stats = get_stats
+
+    def collect(self):
+        s = self._get_stats()
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_entries", "Text chunks in the prefix store.", value=s.entries)
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_pod_mappings", "Cached pod mappings.", value=s.mappings)
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_memory_bytes", "Estimated memory of the cache.",
+                                value=s.memory_bytes)
+        yield CounterMetricFamily("kv_extproc_prefix_cache_evictions", "Entries evicted (LRU).", value=s.evictions)
+        yield CounterMetricFamily("kv_extproc_prefix_cache_invalidations",
+                                  "Pod mappings dropped because a block changed.", value=s.invalidations)

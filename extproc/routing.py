@@ -75,15 +75,18 @@ class Router:
         if match.total_blocks:
             self.metrics.prefix_ratio.observe(decision.matched_blocks / match.total_blocks)
         self.metrics.requests.labels("cache" if decision.by_cache else "load").inc()
+        if match.cache != "off":
+            self.metrics.cache_lookups.labels(match.cache).inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "routed model=%s pod=%s score=%.1f matched_blocks=%d/%d by_cache=%s stages_ms=%s",
+                "routed model=%s pod=%s score=%.1f matched_blocks=%d/%d by_cache=%s prefix_cache=%s stages_ms=%s",
                 request.model,
                 decision.pod.id,
                 decision.score,
                 decision.matched_blocks,
                 decision.total_blocks,
                 decision.by_cache,
+                match.cache,
                 {k: round(v * 1000, 3) for k, v in match.timings.items()},
             )
         return decision

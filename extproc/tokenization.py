@@ -14,7 +14,8 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from .requests import RoutingRequest
 
@@ -22,6 +23,9 @@ from .requests import RoutingRequest
 # stall routing for seconds, so it must be asked for explicitly (HF_HUB_OFFLINE=0).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+T = TypeVar("T")
 
 
 class TokenizerUnavailable(Exception):
@@ -64,12 +68,18 @@ def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> list
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
+def prompt_text(tokenizer: Tokenizer, request: RoutingRequest) -> tuple[str, bool]:
+    """The text vLLM tokenizes for this request, and whether it adds special tokens."""
+    if request.kind == "chat":
+        return render_chat(tokenizer, request), False
+    return request.prompt or "", True
+
+
 def tokenize_with(tokenizer: Tokenizer, request: RoutingRequest) -> list[int]:
     if request.token_ids is not None:
         return request.token_ids
-    if request.kind == "chat":
-        return encode(tokenizer, render_chat(tokenizer, request), add_special_tokens=False)
-    return encode(tokenizer, request.prompt or "", add_special_tokens=True)
+    text, add_special_tokens = prompt_text(tokenizer, request)
+    return encode(tokenizer, text, add_special_tokens=add_special_tokens)
 
 
 class TokenizerManager:
@@ -85,6 +95,7 @@ class TokenizerManager:
         self._loaded: OrderedDict[str, Tokenizer] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
+        self._background: set = set()
 
     def set_sources(self, sources: dict[str, str]) -> None:
         """Adopt a new model list; tokenizers whose source changed are reloaded lazily."""
@@ -131,14 +142,37 @@ class TokenizerManager:
     async def tokenize(self, request: RoutingRequest) -> list[int]:
         if request.token_ids is not None:
             return request.token_ids
-        tokenizer = await self.get(request.model)
+        return await self.run(request.model, tokenize_with, request)
+
+    async def run(self, model: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(tokenizer, *args)`` on a worker thread, within the queue bound."""
+        tokenizer = await self.get(model)
         if not self._slots.acquire(blocking=False):
             raise TokenizerBusy("tokenizer queue is full")
         # The slot is held until the worker finishes, even if the caller gave up waiting,
         # so abandoned encodes still count against the queue bound.
-        job = self._pool.submit(tokenize_with, tokenizer, request)
+        job = self._pool.submit(fn, tokenizer, *args)
         job.add_done_callback(lambda _: self._slots.release())
         return await asyncio.wrap_future(job)
+
+    def background(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on a worker when one is free within the queue bound; else skip it."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        job = self._pool.submit(fn, *args)
+        self._background.add(job)
+        job.add_done_callback(self._background_done)
+        return True
+
+    def _background_done(self, job) -> None:
+        self._background.discard(job)
+        self._slots.release()
+
+    async def settle(self) -> None:
+        """Wait for background jobs submitted so far (tests, benchmarks, shutdown)."""
+        pending = list(self._background)
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(job) for job in pending])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -78,6 +78,9 @@ class Invalidation(msgspec.Struct, array_like=True, frozen=True):
 
 InvalidationListener = Callable[[Invalidation], None]
 
+FEED_LOST = "*"
+"""Pod name of the Invalidation delivered when the feed was down: anything may have changed."""
+
 
 class BlockIndex(Protocol):
     # Read side (the request path).

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..config import IndexConfig
-from . import BlockRef, IndexUnavailable, Invalidation, InvalidationListener, PodTimes, Writes
+from . import FEED_LOST, BlockRef, IndexUnavailable, Invalidation, InvalidationListener, PodTimes, Writes
 
 log = logging.getLogger("extproc.index.redis")
 
@@ -179,11 +179,17 @@ class RedisIndex:
             await ready.wait()
 
     async def _listen(self, ready: asyncio.Event) -> None:
+        lost = False
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
                 ready.set()
+                if lost:
+                    lost = False
+                    log.info("invalidation feed back")
+                    for listener in self._listeners:
+                        listener(Invalidation(FEED_LOST, cleared=True))
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
@@ -197,7 +203,9 @@ class RedisIndex:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("invalidation feed lost (%s); resubscribing", exc)
+                if not lost:
+                    log.warning("invalidation feed lost (%s); resubscribing every second", exc)
+                lost = True
                 ready.set()
                 await asyncio.sleep(1.0)
             finally:

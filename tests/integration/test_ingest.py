@@ -321,3 +321,47 @@ async def test_entries_older_than_max_entry_age_are_expired(h, tokenizer):
     await wait_for(lambda: h.matched(fresh, "pod-a"), what="fresh indexed")
     await wait_for(lambda: _eq(h.matched(old, "pod-a"), 0), timeout=3, what="old expired")
     assert await h.matched(fresh, "pod-a") == len(fresh) // ROUTER_BLOCK
+
+
+async def test_every_serve_replica_drops_cached_mappings_when_a_block_is_removed(h, tokenizer, tokenizer_dir):
+    """Two serve replicas cache the same lookup; a removal on the shared index reaches both."""
+    from extproc.indexer import Indexer
+    from extproc.prefixcache import PrefixCache
+    from extproc.requests import RoutingRequest
+    from extproc.tokenization import TokenizerManager
+
+    tokenizers = TokenizerManager({MODEL: tokenizer_dir})
+    replicas = []
+    for _ in range(2):
+        index = RedisIndex.from_config(config_mod.IndexConfig(backend="redis", redis_url=h.redis_url))
+        indexer = Indexer(tokenizers, index, block_size=ROUTER_BLOCK, max_blocks=128, scheme="chained",
+                          cache=PrefixCache())
+        await index.subscribe(indexer.on_invalidation)
+        replicas.append(indexer)
+    pub = h.publisher()
+    ing = await h.ingester(make_config(h.redis_url, [{"id": "pod-a", "kvEvents": pub.endpoint}]))
+    try:
+        await h.connect(pub, ing, "pod-a")
+        text = "Tenant 21: " + " ".join(f"rule{i} applies" for i in range(400))
+        request = RoutingRequest(model=MODEL, kind="chat", messages=[{"role": "system", "content": text},
+                                                                     {"role": "user", "content": "q"}])
+        tokens = list(tokenizer.apply_chat_template(request.messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+        engine = EngineCache(block_size=ENGINE_BLOCK)
+        pub.publish(engine.admit(tokens)[1])
+        full = len(tokens) // ROUTER_BLOCK
+        await wait_for(lambda: _eq(h.matched(tokens, "pod-a"), full), what="indexed")
+        for indexer in replicas:
+            assert (await indexer.get_pod_scores(request, ["pod-a"])).matched == {"pod-a": full}
+            assert (await indexer.get_pod_scores(request, ["pod-a"])).cache == "hit"
+        pub.publish([removed_event([engine.hashes(tokens)[9]])])  # router block 2
+
+        async def both_dropped():
+            return all(r.get_cache_stats().mappings == 0 for r in replicas)
+        await wait_for(both_dropped, what="both replicas invalidated")
+        for indexer in replicas:
+            again = await indexer.get_pod_scores(request, ["pod-a"])
+            assert again.cache != "hit" and again.matched == {"pod-a": 2}
+    finally:
+        for indexer in replicas:
+            await indexer.index.close()
+        tokenizers.close()

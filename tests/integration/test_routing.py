@@ -164,21 +164,25 @@ def _counter(text: str, name: str) -> float:
 @pytest.mark.parametrize("mode", MODES, ids=["buffered", "full-duplex"])
 def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, tokenizer_dir, tokenizer):
     with stack(workdir, pods, tokenizer_dir, mode) as (server, proc, proxy):
-        system = system_prompt(7)
         import redis as redis_py
 
+        from extproc.blocks import block_keys
+
+        system = system_prompt(7)
         r = redis_py.Redis.from_url(server.url)
         messages = chat(system, "q")
         tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
-        from extproc.blocks import block_keys
-
         for key in block_keys(tokens, 64, 128):
             r.hset(f"matrix:kv:block:{MODEL}@{key}", "pod-c", "1700000000")
         r.close()
         with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
             assert served_by(client.chat.completions.create(model=MODEL, messages=messages)) == "pod-c"
             server.proc.kill()
-            served = [served_by(client.chat.completions.create(model=MODEL, messages=messages)) for _ in range(6)]
+            # New user turns: each needs the index, which is gone.
+            served = [served_by(client.chat.completions.create(model=MODEL, messages=chat(system, f"new {i}")))
+                      for i in range(6)]
+            # The exact prompt seen before is still routed by its cached lookup result.
+            assert served_by(client.chat.completions.create(model=MODEL, messages=messages)) == "pod-c"
         assert len(served) == 6 and set(served) <= set(pods)
         assert len(set(served)) > 1, "without the index the requests are spread by load"
         assert _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="index"}') >= 6
@@ -220,3 +224,15 @@ def test_a_missing_tokenizer_does_not_lose_requests(workdir, pods, tokenizer_dir
         proxy.proc.stop()
         proc.proc.stop()
         server.proc.stop()
+
+
+def test_a_repeated_prompt_is_a_prefix_cache_hit_and_the_cache_is_in_metrics(client, cache, extproc, envoy):
+    system = f"Proxy {envoy.listen}. " + system_prompt(9)  # one prompt per body mode: kv-extproc is shared
+    cache.store("pod-b", cache.keys(cache.chat_tokens(chat(system, "same question"))))
+    hits = _counter(extproc.metrics(), 'kv_extproc_prefix_cache_lookups_total{outcome="hit"}')
+    assert ask(client, system, "same question") == "pod-b"
+    assert ask(client, system, "same question") == "pod-b"
+    metrics = extproc.metrics()
+    assert _counter(metrics, 'kv_extproc_prefix_cache_lookups_total{outcome="hit"}') == hits + 1
+    assert _counter(metrics, "kv_extproc_prefix_cache_entries") > 0
+    assert _counter(metrics, "kv_extproc_prefix_cache_memory_bytes") > 0

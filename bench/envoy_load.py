@@ -1,0 +1,216 @@
+"""Through the real Envoy binary on loopback, with wrk, side by side in one run.
+
+Backends are Envoy direct responses (a second Envoy process listening on 127.0.0.2-4), so
+the measurement is the proxy path, not a Python HTTP server. Variants:
+- ``envoy``: Envoy alone, no ext_proc (routes to the backends by plain load balancing);
+- ``noop``: Envoy + a no-op ext_proc (headers only, answers at once);
+- ``hit`` / ``miss``: Envoy + kv-extproc, the same prompt every time (cached) / a new one;
+- ``nocache``: kv-extproc with the prefix cache off, same prompt every time;
+- ``memory``: the hit workload with the in-process index instead of Redis.
+Each at 1 and 8 connections; ratios are to Envoy alone and to the no-op ext_proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from extproc import devstack, responses
+from extproc.server import SERVICE_NAME
+from extproc.tokenization import load_tokenizer
+
+from .common import text_of_tokens, write
+
+MODEL = "Qwen/Qwen3-0.6B"
+DURATION = 5
+BACKENDS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+def backend_config(ports: list[int], admin: int) -> dict:
+    """One Envoy answering every request on each backend address with a fixed completion."""
+    body = json.dumps({"id": "x", "object": "chat.completion", "model": MODEL,
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+    listeners = []
+    for host, port in zip(BACKENDS, ports):
+        listeners.append({
+            "name": f"backend-{host}", "address": {"socket_address": {"address": host, "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "backend", "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+                    "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}]}]},
+            }}]}],
+        })
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {"listeners": listeners}}
+
+
+def without_ext_proc(conf: dict) -> dict:
+    conf = copy.deepcopy(conf)
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    return conf
+
+
+def headers_only(conf: dict) -> dict:
+    conf = copy.deepcopy(conf)
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            f["typed_config"]["processing_mode"]["request_body_mode"] = "NONE"
+    return conf
+
+
+class NoopExtProc:
+    """The cheapest possible ext_proc on grpc.aio + uvloop: every headers message answered at once."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+
+    def _run(self) -> None:
+        import uvloop
+
+        uvloop.run(self._serve())
+
+    async def _serve(self) -> None:
+        from envoy_data_plane.envoy.service.ext_proc.v3 import ProcessingRequest
+
+        answer = responses.headers_continue(())
+
+        async def process(messages, context):
+            async for _ in messages:
+                yield answer
+
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=ProcessingRequest.parse,
+                                                        response_serializer=bytes)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(1)
+
+    def start(self) -> "NoopExtProc":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+local template = [[%s]]
+local unique = %s
+local run = "%s"
+local counter = 0
+request = function()
+  counter = counter + 1
+  local body = template
+  if unique then body = string.gsub(template, "@@N@@", run .. "-" .. tostring(counter)) end
+  return wrk.format(nil, "/v1/chat/completions", nil, body)
+end
+"""
+
+
+def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path) -> dict:
+    script = workdir / f"load-{connections}-{int(unique)}.lua"
+    # Every run gets its own prefix for "unique" bodies: a repeat of an earlier run would hit the cache.
+    script.write_text(LUA % (body, "true" if unique else "false", f"{time.time_ns():x}"))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=DURATION + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(name: str) -> float:
+        value, unit = re.search(rf"\s{name}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def run(sizes: tuple[int, ...] = (2000,), variants: tuple[str, ...] = ("envoy", "noop", "hit", "miss", "nocache", "memory"),
+        name: str = "envoy_load") -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="kv-extproc-load-"))
+    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ports = [devstack.free_port(h) for h in BACKENDS]
+    backend = devstack.start_envoy(backend_config(ports, devstack.free_port()), workdir)
+    pods = [{"id": f"pod-{i}", "address": f"{h}:{p}"} for i, (h, p) in enumerate(zip(BACKENDS, ports))]
+    redis_server = devstack.start_redis(workdir)
+    started: list = [backend, redis_server]
+    results: dict = {"duration_s": DURATION, "rows": []}
+    try:
+        def extproc(**extra):
+            conf = {"index": {"backend": "redis", "redisUrl": redis_server.url}, "logLevel": "warning",
+                    "models": [{"name": MODEL, "tokenizer": tokenizer_dir}], "pods": pods, **extra}
+            proc = devstack.start_extproc(conf, workdir)
+            started.append(proc)
+            return proc.listen
+
+        def proxy(conf_fn, listen_ext):
+            conf = devstack.render_envoy("envoy.yaml", listen=f"127.0.0.1:{devstack.free_port()}",
+                                         admin=f"127.0.0.1:{devstack.free_port()}", extproc=[listen_ext],
+                                         pods=[p["address"] for p in pods])
+            envoy = devstack.start_envoy(conf_fn(conf), workdir)
+            started.append(envoy)
+            return envoy.url
+
+        noop_port = devstack.free_port()
+        NoopExtProc(noop_port).start()
+        urls = {}
+        if "envoy" in variants:
+            urls["envoy"] = proxy(without_ext_proc, f"127.0.0.1:{noop_port}")
+        if "noop" in variants:
+            urls["noop"] = proxy(headers_only, f"127.0.0.1:{noop_port}")
+        if {"hit", "miss"} & set(variants):
+            urls["hit"] = urls["miss"] = proxy(lambda c: c, extproc())
+        if "nocache" in variants:
+            urls["nocache"] = proxy(lambda c: c, extproc(enablePodMappingCache=False))
+        if "memory" in variants:
+            urls["memory"] = proxy(lambda c: c, extproc(index={"backend": "memory"}))
+        for size in sizes:
+            system = text_of_tokens(tokenizer, size, seed=size)
+            for connections in (1, 8):
+                row_base = {}
+                for variant in variants:
+                    unique = variant == "miss"
+                    sys_text = ("@@N@@ " + system) if unique else system
+                    body = json.dumps({"model": MODEL, "messages": [{"role": "system", "content": sys_text},
+                                                                    {"role": "user", "content": "hi"}]})
+                    wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)  # warm-up run
+                    stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)
+                    row_base[variant] = stats
+                    row = {"prompt_tokens": size, "connections": connections, "variant": variant, **stats}
+                    for ref in ("envoy", "noop"):
+                        if ref in row_base and ref != variant:
+                            row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
+                            row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
+                    results["rows"].append(row)
+                    extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("rps_vs", "p50_minus")))
+                    print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
+                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}")
+    finally:
+        for part in reversed(started):
+            part.proc.stop()
+    write(name, results)
+    return results
+
+
+if __name__ == "__main__":
+    run()

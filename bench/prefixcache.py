@@ -1,0 +1,113 @@
+"""Prefix cache: the in-process routing decision on a full hit, a partial hit, a miss, and
+with the cache disabled, for chat prompts of about 1k, 4k and 16k tokens (a shared system
+prompt, then a short user turn). Cases alternate within each round, against a real local
+Redis holding the system prompt's blocks, so the ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import uvloop
+
+from extproc import devstack
+from extproc.config import IndexConfig, PodConfig
+from extproc.index import Writes
+from extproc.index.redis import RedisIndex
+from extproc.indexer import Indexer
+from extproc.metrics import Metrics
+from extproc.pods import PodPool
+from extproc.prefixcache import PrefixCache
+from extproc.requests import RoutingRequest
+from extproc.routing import Router
+from extproc.tokenization import TokenizerManager, load_tokenizer, tokenize_with
+
+from .common import summary, text_of_tokens, write
+
+MODEL = "Qwen/Qwen3-0.6B"
+SIZES = (1000, 4000, 16000)
+ROUNDS = {1000: 200, 4000: 80, 16000: 30}
+PODS = [PodConfig(id=f"pod-{i}", address=f"10.0.0.{i + 1}:8000") for i in range(8)]
+
+
+def request(system: str, user: str) -> RoutingRequest:
+    return RoutingRequest(model=MODEL, kind="chat", messages=[{"role": "system", "content": system},
+                                                             {"role": "user", "content": user}])
+
+
+FILL: list[float] = []
+
+
+async def _timed(router: Router, req: RoutingRequest) -> float:
+    """Decision latency; then waits out the cache fill it left for a worker (timed apart)."""
+    t0 = time.perf_counter()
+    await router.route(req)
+    elapsed = time.perf_counter() - t0
+    await router.indexer.tokenizers.settle()
+    FILL.append(time.perf_counter() - t0 - elapsed)
+    return elapsed
+
+
+async def run_async() -> dict:
+    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    workdir = devstack.workdir("kv-extproc-bench-")
+    server = devstack.start_redis(workdir)
+    index = RedisIndex.from_config(IndexConfig(backend="redis", redis_url=server.url, timeout=1.0))
+    tokenizers = TokenizerManager({MODEL: tokenizer_dir}, workers=2)
+    await tokenizers.get(MODEL)
+    rows = []
+    try:
+        for size in SIZES:
+            system = text_of_tokens(tokenizer, size, seed=size)
+            def router(cache):
+                indexer = Indexer(tokenizers, index, block_size=128, max_blocks=128, scheme="chained", cache=cache)
+                return Router(PodPool(PODS), indexer, Metrics(), decision_timeout=10.0)
+            plain = router(None)
+            cached = router(PrefixCache())
+            keys = plain.indexer.keys(tokenize_with(tokenizer, request(system, "warm")))
+            await index.apply("pod-3", Writes(stored={(MODEL, k): time.time() for k in keys}))
+            await _timed(cached, request(system, "repeat"))  # system prompt now in the prefix store
+            samples: dict[str, list[float]] = {"hit": [], "partial": [], "miss": [], "disabled": []}
+            fills = []
+            for i in range(ROUNDS[size] + 5):
+                fresh = request(f"Tenant {size}-{i}. " + system, "new tenant")  # differs from the first characters
+                timings = {
+                    "hit": await _timed(cached, request(system, "repeat")),
+                    "partial": await _timed(cached, request(system, f"follow-up question number {i}")),
+                    "miss": await _timed(cached, fresh),
+                }
+                fills.append(FILL[-1])
+                timings["disabled"] = await _timed(plain, fresh)
+                if i >= 5:
+                    for case, seconds in timings.items():
+                        samples[case].append(seconds)
+            stats = {case: summary(values) for case, values in samples.items()}
+            tokens = len(tokenize_with(tokenizer, request(system, "repeat")))
+            row = {"prompt_tokens": tokens, **{f"{case}_{k}": v for case, s in stats.items() for k, v in s.items()
+                                                if k in ("p50_us", "p99_us")}}
+            row["miss_fill_background_p50_us"] = summary(fills[5:])["p50_us"]
+            row["miss_over_hit"] = stats["miss"]["p50_us"] / stats["hit"]["p50_us"]
+            row["miss_over_disabled"] = stats["miss"]["p50_us"] / stats["disabled"]["p50_us"]
+            rows.append(row)
+            print(f"prefix    {tokens:>6} tokens  hit {stats['hit']['p50_us']:>7.0f} us  partial "
+                  f"{stats['partial']['p50_us']:>7.0f} us  miss {stats['miss']['p50_us']:>7.0f} us  disabled "
+                  f"{stats['disabled']['p50_us']:>7.0f} us  (p50)   miss/hit {row['miss_over_hit']:.1f}x  "
+                  f"miss/disabled {row['miss_over_disabled']:.3f}  (miss also fills the store in the "
+                  f"background: {row['miss_fill_background_p50_us']:.0f} us)")
+    finally:
+        tokenizers.close()
+        await index.close()
+        server.proc.stop()
+    result = {"model": MODEL, "block_size": 128, "index": "redis", "rows": rows,
+              "targets": {"miss_over_hit_at_4k": 10.0, "miss_over_disabled_max": 1.03}}
+    write("prefixcache", result)
+    return result
+
+
+def run() -> dict:
+    return uvloop.run(run_async())
+
+
+if __name__ == "__main__":
+    run()
