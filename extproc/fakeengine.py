@@ -24,16 +24,18 @@ END_SEQ = (2**64 - 1).to_bytes(8, "big")
 
 class KVEventPublisher:
     def __init__(self, endpoint: str, *, replay_endpoint: str | None = None, topic: str = "kv-events",
-                 buffer_steps: int = 10_000, ctx: zmq.Context | None = None):
+                 buffer_steps: int = 10_000, ctx: zmq.Context | None = None, bind: bool | None = None):
         self._ctx = ctx or zmq.Context.instance()
         self._lock = threading.Lock()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        if "*" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
+        if bind is None:  # vLLM's rule: bind when the endpoint has a wildcard, else connect
+            bind = "*" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+        if bind:
             self._pub.bind(endpoint)
         else:
             self._pub.connect(endpoint)
-        self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode() if "*" in endpoint else endpoint
+        self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode() if bind else endpoint
         self.topic = topic.encode()
         self.seq = 0
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)

@@ -34,7 +34,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .index import PodTimes
 
@@ -184,10 +184,9 @@ class CacheStats:
     memory_bytes: int = 0
 
 
-@dataclass(slots=True)
-class _Chunk:
-    split: int
-    tokens: array
+_Chunk = tuple  # (split point: int, tokens: bytes of native uint32)
+"""A plain tuple of an int and bytes: the garbage collector stops tracking it, so a store of
+100,000 chunks adds no collection pauses (a class instance or an array would be tracked)."""
 
 
 @dataclass
@@ -256,8 +255,8 @@ class PrefixCache:
                 if chunk is None:
                     break
                 self._chunks.move_to_end(h)
-                tokens.extend(chunk.tokens)
-                chars = chunk.split
+                chars, packed = chunk
+                tokens.extend(memoryview(packed).cast("I"))
                 found += 1
         return CachedTokens(tokens, chars, found)
 
@@ -300,7 +299,7 @@ class PrefixCache:
         split, cursor = start, 0
         starts: list[int] | None = None
         spans = splitter.added_spans(prompt)
-        all_ids = array("I", ids)
+        packed = array("I", ids).tobytes()
         new: list[tuple[ChunkHash, _Chunk]] = []
         for i in range(first, len(hashes)):
             limit = (i + 1) * size - splitter.margin
@@ -314,16 +313,16 @@ class PrefixCache:
                     starts = [o[0] for o in encoding.offsets]
                 end = bisect_left(starts, split - start, cursor)
             end = max(end, cursor)
-            new.append((hashes[i], _Chunk(split, all_ids[cursor:end])))
+            new.append((hashes[i], (split, packed[4 * cursor : 4 * end])))
             cursor = end
         with self._lock:
             for h, chunk in new:
                 if h not in self._chunks:
                     self._chunks[h] = chunk
-                    self._chunk_bytes += chunk.tokens.itemsize * len(chunk.tokens) + _ENTRY_OVERHEAD
+                    self._chunk_bytes += len(chunk[1]) + _ENTRY_OVERHEAD
             while len(self._chunks) > self.config.max_chunks:
                 _, old = self._chunks.popitem(last=False)
-                self._chunk_bytes -= old.tokens.itemsize * len(old.tokens) + _ENTRY_OVERHEAD
+                self._chunk_bytes -= len(old[1]) + _ENTRY_OVERHEAD
                 self.stats.evictions += 1
 
     # -- pod mappings -----------------------------------------------------------------

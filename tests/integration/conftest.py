@@ -77,6 +77,12 @@ def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, FakePod], wo
         extproc=extproc_listen,
         pods=[pod.address for pod in pods.values()],
     )
+    # Echo the envoy.lb dynamic metadata kv-extproc set, so tests can see Envoy received it.
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["response_headers_to_add"] = [{
+        "header": {"key": "x-test-lb-metadata",
+                   "value": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"},
+    }]
     return devstack.start_envoy(conf, workdir)
 
 

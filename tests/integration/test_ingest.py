@@ -62,8 +62,10 @@ class Harness:
         self.ingesters: list[Ingester] = []
         self.publishers: list[KVEventPublisher] = []
 
-    def publisher(self, *, replay: bool = False, endpoint: str = "tcp://127.0.0.1:*", topic: str = "kv-events"):
-        pub = KVEventPublisher(endpoint, replay_endpoint="tcp://127.0.0.1:*" if replay else None, topic=topic)
+    def publisher(self, *, replay: bool = False, endpoint: str = "tcp://127.0.0.1:*", topic: str = "kv-events",
+                  bind: bool | None = None):
+        pub = KVEventPublisher(endpoint, replay_endpoint="tcp://127.0.0.1:*" if replay else None, topic=topic,
+                               bind=bind)
         self.publishers.append(pub)
         return pub
 
@@ -365,3 +367,26 @@ async def test_every_serve_replica_drops_cached_mappings_when_a_block_is_removed
         for indexer in replicas:
             await indexer.index.close()
         tokenizers.close()
+
+
+async def test_a_restarted_pod_is_picked_up_again_on_the_same_endpoint(h, tokenizer):
+    pub = h.publisher()
+    endpoint = pub.endpoint
+    ing = await h.ingester(make_config(h.redis_url, [{"id": "pod-a", "kvEvents": endpoint}]))
+    await h.connect(pub, ing, "pod-a")
+    before = prompt_tokens(tokenizer, 22)
+    pub.publish(EngineCache(block_size=ENGINE_BLOCK).admit(before)[1])
+    await wait_for(lambda: h.matched(before, "pod-a"), what="indexed")
+    pub.close()
+    h.publishers.remove(pub)
+    await asyncio.sleep(0.3)
+    restarted = h.publisher(endpoint=endpoint, bind=True)
+    # Same address, new process: ZMQ reconnects by itself; the sequence starts again at 0.
+    after = prompt_tokens(tokenizer, 23)
+
+    async def reindexed():  # what is published before the reconnect is lost, so keep publishing
+        restarted.publish(EngineCache(block_size=ENGINE_BLOCK, seed=1).admit(after)[1])
+        await asyncio.sleep(0.05)
+        return await h.matched(after, "pod-a")
+    await wait_for(reindexed, timeout=10, what="events from the restarted pod")
+    assert await h.matched(before, "pod-a") == 0, "what the old process held is gone"

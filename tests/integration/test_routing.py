@@ -81,6 +81,12 @@ def test_completions_route_by_prompt_text_and_by_token_ids(client, cache, tokeni
     assert (text, by_ids, as_list) == ("pod-a", "pod-a", "pod-a")
 
 
+def test_the_chosen_pod_is_also_set_as_envoy_lb_dynamic_metadata(http, pods):
+    reply = http.post("/v1/completions", json={"model": MODEL, "prompt": "metadata check"})
+    assert reply.status_code == 200
+    assert reply.headers["x-test-lb-metadata"] == pods[reply.headers["x-served-by"]].address
+
+
 def test_a_client_supplied_routing_header_is_ignored(client, cache, pods):
     system = system_prompt(4)
     cache.store("pod-b", cache.keys(cache.chat_tokens(chat(system, "q"))))

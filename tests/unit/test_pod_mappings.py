@@ -238,3 +238,18 @@ async def test_debug_logs_say_hit_miss_and_cached(tokenizers, caplog):
     text = caplog.text
     assert "CACHE MISS" in text and "CACHED tokens=" in text and "CACHE HIT blocks=" in text
     assert "handbook" not in text, "no prompt text in logs"
+
+
+async def test_an_error_inside_the_cache_falls_back_to_the_full_pipeline(tokenizers, tokenizer, monkeypatch):
+    index = MemoryIndex()
+    indexer = make_indexer(tokenizers, index)
+    request = chat(7, "q")
+    await store_prompt(index, tokenizer, indexer, request, "pod-b")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cache bug")
+
+    monkeypatch.setattr(indexer.cache, "chunk_hashes", broken)
+    match = await indexer.get_pod_scores(request, PODS)
+    assert match.cache == "error"
+    assert match.matched == {"pod-b": match.total_blocks} and match.total_blocks > 0
