@@ -56,6 +56,15 @@ class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_on
 class IndexConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """rediss:// for TLS. Put no password here: use passwordFile or passwordEnv."""
+    username: str = ""
+    """Redis ACL user (AUTH username password)."""
+    password_file: str = ""
+    password_env: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    """Client certificate, for Redis servers that require one (with tlsKeyFile)."""
+    tls_key_file: str = ""
     key_prefix: str = "matrix:kv:block:"
     meta_prefix: str = "matrix:kv:"
     """Prefix of the ingester's own keys (per-pod records, engine maps, invalidation channel)."""
@@ -66,6 +75,10 @@ class IndexConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive("timeout", self.timeout)
+        if self.password_file and self.password_env:
+            raise ValueError("give passwordFile or passwordEnv, not both")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tlsCertFile and tlsKeyFile go together")
         if self.max_entry_age < 0:
             raise ValueError("maxEntryAge must not be negative")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -139,9 +152,46 @@ class TokenizationConfig(_Section):
 
 class LimitsConfig(_Section):
     max_body_bytes: int = 8 * 1024 * 1024
+    """Larger bodies are answered 413 (keep Envoy's per_connection_buffer_limit_bytes above it)."""
+    max_messages: int = 4096
+    """Chat requests with more messages are answered 400."""
+    max_prompt_tokens: int = 1 << 20
+    """Longer prompts are routed by load (reason prompt_too_long): the engine decides on them."""
+    max_concurrent_streams: int = 4096
+    """ext_proc streams served at once; Envoy fails open past it (failure_mode_allow)."""
 
     def __post_init__(self) -> None:
         _positive("maxBodyBytes", self.max_body_bytes)
+        _positive("maxMessages", self.max_messages)
+        _positive("maxPromptTokens", self.max_prompt_tokens)
+        _positive("maxConcurrentStreams", self.max_concurrent_streams)
+
+
+class TlsConfig(_Section):
+    """TLS for the ext_proc listener; with clientCaFile, clients must present a certificate (mTLS)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("certFile and keyFile go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("clientCaFile (mTLS) needs certFile and keyFile")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+class HealthConfig(_Section):
+    require_index: bool = False
+    """Report NOT_SERVING while the index is unreachable (routing goes on by load either way)."""
+    check_interval: Duration = Duration(5.0)
+
+    def __post_init__(self) -> None:
+        _positive("checkInterval", self.check_interval)
 
 
 class PrefixStoreConfig(_Section):
@@ -181,6 +231,13 @@ class Config(_Section):
     cache_cleanup_interval: Duration = Duration(60.0)
     prefix_store_config: PrefixStoreConfig = PrefixStoreConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_prompts: bool = False
+    """Include prompt text in debug logs. Off by default: prompts are user data."""
+    tls: TlsConfig = TlsConfig()
+    health: HealthConfig = HealthConfig()
+    reload_interval: Duration = Duration(2.0)
+    """How often the config file is checked for changes (0: only on SIGHUP)."""
     models: list[ModelConfig] = []
     pods: list[PodConfig] = []
 
@@ -191,6 +248,8 @@ class Config(_Section):
         _positive("maxBlocksToMatch", self.max_blocks_to_match)
         _positive("decisionTimeout", self.decision_timeout)
         _positive("cacheCleanupInterval", self.cache_cleanup_interval)
+        if self.reload_interval < 0:
+            raise ValueError("reloadInterval must not be negative")
         if not self.routing_header or self.routing_header != self.routing_header.lower():
             raise ValueError(f"routingHeader must be a non-empty lower-case header name, got {self.routing_header!r}")
         if self.block_size_to_hash % self.ingest.engine_block_size:
@@ -228,6 +287,23 @@ def from_dict(data: Any) -> Config:
         return msgspec.convert(data if data is not None else {}, Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def read_secret(file: str, env: str) -> str | None:
+    """A secret from a file (trailing newline dropped) or an environment variable; never logged."""
+    import os
+
+    if file:
+        try:
+            return Path(file).read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"environment variable {env} (a secret) is not set")
+        return value
+    return None
 
 
 def load(path: str | Path | None) -> Config:

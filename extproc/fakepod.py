@@ -140,3 +140,30 @@ def _handler_for(pod: FakePod) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, {"error": {"message": "not found"}})
 
     return Handler
+
+
+def run_simulated(pod_id: str, listen: str, *, kv_events: str = "", tokenizer: str = "", model: str = "",
+                  capacity_blocks: int = 4096) -> None:
+    """``kv-extproc simulate-pod``: one simulated vLLM pod, publishing KV events when asked."""
+    import signal
+
+    from .devstack import bundled_tokenizer_dir
+    from .fakeengine import EngineCache, KVEventPublisher
+    from .requests import parse
+    from .tokenization import load_tokenizer, tokenize_with
+
+    engine = None
+    if kv_events:
+        tok = load_tokenizer(tokenizer or bundled_tokenizer_dir())
+        engine = SimulatedEngine(lambda path, body: tokenize_with(tok, parse(path, body)),
+                                 EngineCache(capacity_blocks=capacity_blocks), KVEventPublisher(kv_events))
+    host, _, port = listen.rpartition(":")
+    pod = FakePod(pod_id, host, int(port), model=model or "fake-model", engine=engine).start()
+    print(f"simulated pod {pod_id} on {pod.address}" + (f", KV events on {kv_events}" if kv_events else ""), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    pod.stop()

@@ -36,7 +36,9 @@ class Readiness:
         for service in self.SERVICES:
             await self.servicer.set(service, SERVING if ready else NOT_SERVING)
 
-    async def become_ready(self, tokenizers: TokenizerManager, models: list[str], index: BlockIndex) -> None:
+    async def become_ready(self, tokenizers: TokenizerManager, models: list[str], index: BlockIndex, *,
+                           require_index: bool = False, interval: float = 5.0) -> None:
+        """Wait for tokenizers and a first index answer; then, if asked, follow the index's health."""
         await self.set(False)
         for model in models:
             while True:
@@ -55,3 +57,14 @@ class Readiness:
                 await asyncio.sleep(1.0)
         await self.set(True)
         log.info("ready: %d tokenizer(s) loaded, index answered", len(models))
+        while require_index:
+            await asyncio.sleep(interval)
+            try:
+                await index.ping()
+                healthy = True
+            except Exception:  # noqa: BLE001 - any failure means "index unreachable"
+                healthy = False
+            if healthy != self.ready:
+                log.warning("index %s: readiness now %s", "back" if healthy else "unreachable",
+                            "SERVING" if healthy else "NOT_SERVING")
+                await self.set(healthy)

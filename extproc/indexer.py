@@ -47,6 +47,10 @@ class _Prepared:
     """Caches the newly tokenized chunks; run after the decision, off the critical path."""
 
 
+class PromptTooLong(Exception):
+    """Over limits.maxPromptTokens: routed by load, the engine judges the prompt itself."""
+
+
 class Indexer:
     def __init__(
         self,
@@ -58,6 +62,7 @@ class Indexer:
         scheme: HashScheme,
         max_entry_age: float = 0.0,
         cache: PrefixCache | None = None,
+        max_prompt_tokens: int = 1 << 30,
     ):
         self.tokenizers = tokenizers
         self.index = index
@@ -66,11 +71,18 @@ class Indexer:
         self.scheme = scheme
         self.max_entry_age = max_entry_age
         self.cache = cache
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.max_prompt_tokens:
+            raise PromptTooLong(f"prompt of {tokens} tokens is over maxPromptTokens ({self.max_prompt_tokens})")
 
     def keys(self, tokens: Sequence[int]) -> list[int]:
         return block_keys(tokens, self.block_size, self.max_blocks, self.scheme)
 
     async def get_pod_scores(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
+        if request.token_ids is not None:
+            self._check_length(len(request.token_ids))
         if self.cache is None or request.token_ids is not None:
             return await self._uncached(request, pod_ids)
         timings: dict[str, float] = {}
@@ -79,11 +91,13 @@ class Indexer:
         t1 = time.perf_counter()
         timings["tokenize"] = t1 - t0
         if prepared.mapping is not None:
+            self._check_length(prepared.mapping.total_tokens)
             keys = prepared.mapping.kv_block_keys
             hits: list[PodTimes] = [prepared.mapping.key_to_pods.get(k, {}) for k in keys]
             log.debug("CACHE HIT blocks=%d hit_keys=%d", len(keys), len(prepared.mapping.hit_keys))
         else:
             assert prepared.tokens is not None
+            self._check_length(len(prepared.tokens))
             keys = self.keys(prepared.tokens)
             t2 = time.perf_counter()
             timings["hash"] = t2 - t1
@@ -139,6 +153,7 @@ class Indexer:
         t0 = time.perf_counter()
         tokens = await self.tokenizers.tokenize(request)
         t1 = time.perf_counter()
+        self._check_length(len(tokens))
         keys = self.keys(tokens)
         t2 = time.perf_counter()
         hits = await self.index.lookup(request.model, keys) if keys else []

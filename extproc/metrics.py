@@ -83,6 +83,10 @@ class Metrics:
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )
 
+    def watch_pods(self, pool, ingester) -> None:
+        """Export the configured pods and, with an ingester, how old each pod's index view is."""
+        self.registry.register(_PodCollector(pool, ingester))
+
     def watch_cache(self, get_stats: Callable) -> None:
         """Export the prefix cache's own statistics, read at scrape time."""
         self.registry.register(_CacheCollector(get_stats))
@@ -101,3 +105,22 @@ class _CacheCollector(Collector):
         yield CounterMetricFamily("kv_extproc_prefix_cache_evictions", "Entries evicted (LRU).", value=s.evictions)
         yield CounterMetricFamily("kv_extproc_prefix_cache_invalidations",
                                   "Pod mappings dropped because a block changed.", value=s.invalidations)
+
+
+class _PodCollector(Collector):
+    def __init__(self, pool, ingester):
+        self._pool = pool
+        self._ingester = ingester
+
+    def collect(self):
+        import time
+
+        if self._pool is not None:
+            yield GaugeMetricFamily("kv_extproc_pods", "Candidate pods configured.", value=len(self._pool))
+        if self._ingester is not None:
+            age = GaugeMetricFamily("kv_extproc_pod_index_age_seconds",
+                                    "Seconds since the pod's last KV event reached the index.", labels=["pod"])
+            now = time.monotonic()
+            for pod, feed in list(self._ingester.feeds.items()):
+                age.add_metric([pod], now - feed.last_seen)
+            yield age

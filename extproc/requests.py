@@ -51,7 +51,7 @@ def is_routed_path(path: str) -> bool:
     return path.split("?", 1)[0] in ROUTED_PATHS
 
 
-def parse(path: str, body: bytes) -> RoutingRequest:
+def parse(path: str, body: bytes, *, max_messages: int = 1 << 30) -> RoutingRequest:
     """Parse a body sent to one of ROUTED_PATHS; raise RequestError for anything invalid."""
     try:
         data = msgspec.json.decode(body)
@@ -63,7 +63,7 @@ def parse(path: str, body: bytes) -> RoutingRequest:
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required and must be a non-empty string", param="model")
     if path.split("?", 1)[0] == CHAT_PATH:
-        return _chat(model, data)
+        return _chat(model, data, max_messages)
     return _completion(model, data)
 
 
@@ -89,10 +89,13 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
 
 
-def _chat(model: str, data: dict[str, Any]) -> RoutingRequest:
+def _chat(model: str, data: dict[str, Any], max_messages: int) -> RoutingRequest:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty list", param="messages")
+    if len(messages) > max_messages:
+        raise RequestError(f"too many messages: {len(messages)} (at most {max_messages})", param="messages",
+                           code="too_many_messages")
     rendered = [_message(i, m) for i, m in enumerate(messages)]
     tools = data.get("tools")
     if tools is not None and not isinstance(tools, list):

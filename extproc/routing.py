@@ -11,7 +11,7 @@ import logging
 import time
 
 from .index import IndexUnavailable
-from .indexer import Indexer
+from .indexer import Indexer, PromptTooLong
 from .metrics import Metrics
 from .pods import PodPool
 from .requests import RoutingRequest
@@ -37,11 +37,13 @@ class ThrottledLog:
 
 
 class Router:
-    def __init__(self, pool: PodPool, indexer: Indexer, metrics: Metrics, *, decision_timeout: float):
+    def __init__(self, pool: PodPool, indexer: Indexer, metrics: Metrics, *, decision_timeout: float,
+                 log_prompts: bool = False):
         self.pool = pool
         self.indexer = indexer
         self.metrics = metrics
         self.decision_timeout = decision_timeout
+        self.log_prompts = log_prompts
         self._warn = ThrottledLog(log)
 
     async def route(self, request: RoutingRequest) -> Decision | None:
@@ -59,6 +61,8 @@ class Router:
             return self._fallback("tokenizer", str(exc), candidates)
         except TokenizerBusy as exc:
             return self._fallback("tokenizer_busy", str(exc), candidates)
+        except PromptTooLong as exc:
+            return self._fallback("prompt_too_long", str(exc), candidates)
         except IndexUnavailable as exc:
             self.metrics.index_errors.inc()
             return self._fallback("index", str(exc), candidates)
@@ -78,17 +82,20 @@ class Router:
         if match.cache != "off":
             self.metrics.cache_lookups.labels(match.cache).inc()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "routed model=%s pod=%s score=%.1f matched_blocks=%d/%d by_cache=%s prefix_cache=%s stages_ms=%s",
-                request.model,
-                decision.pod.id,
-                decision.score,
-                decision.matched_blocks,
-                decision.total_blocks,
-                decision.by_cache,
-                match.cache,
-                {k: round(v * 1000, 3) for k, v in match.timings.items()},
-            )
+            fields = {
+                "model": request.model,
+                "pod": decision.pod.id,
+                "score": round(decision.score, 1),
+                "matched_blocks": decision.matched_blocks,
+                "total_blocks": decision.total_blocks,
+                "by_cache": decision.by_cache,
+                "prefix_cache": match.cache,
+                **{f"{stage}_ms": round(seconds * 1000, 3) for stage, seconds in match.timings.items()},
+                "decision_ms": round(elapsed * 1000, 3),
+            }
+            if self.log_prompts:
+                fields["prompt"] = request.prompt if request.kind == "completion" else request.messages
+            log.debug("routed", extra={"fields": fields})
         return decision
 
     def _fallback(self, reason: str, message: str, candidates: list) -> Decision:

@@ -13,6 +13,7 @@ in chunks. Requests that are not completion calls pass with Envoy's default rout
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import betterproto2
@@ -43,11 +44,13 @@ _RESPONSE_BODY_CONTINUE = bytes(ProcessingResponse(response_body=BodyResponse())
 
 
 class ExtProcService:
-    def __init__(self, router: Router, metrics: Metrics, *, routing_header: str, max_body_bytes: int):
+    def __init__(self, router: Router, metrics: Metrics, *, routing_header: str, max_body_bytes: int,
+                 max_messages: int = 1 << 30):
         self.router = router
         self.metrics = metrics
         self.routing_header = routing_header
         self.max_body_bytes = max_body_bytes
+        self.max_messages = max_messages
 
     async def process(self, messages: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext):
         stream = _Stream(self)
@@ -134,10 +137,12 @@ class _Stream:
     async def _finish(self, end_of_stream: bool) -> list[bytes]:
         self.done = True
         body = bytes(self.body)
+        started = time.perf_counter()
         try:
-            parsed = requests.parse(self.path, body)
+            parsed = requests.parse(self.path, body, max_messages=self.svc.max_messages)
         except RequestError as exc:
             return [self._reject(exc)]
+        self.svc.metrics.stage_seconds.labels("parse").observe(time.perf_counter() - started)
         decision = await self.svc.router.route(parsed)
         address = None
         if decision is not None:

@@ -74,6 +74,7 @@ class Ingester:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.feeds: dict[str, Feed] = {}
         self._tasks: list[asyncio.Task] = []
+        self._pod_tasks: dict[str, asyncio.Task] = {}
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         for pod in config.pods:
@@ -95,20 +96,51 @@ class Ingester:
             if pod not in configured and not self.config.ingest.bind:
                 await self.purge(pod, "unconfigured")
         for feed in self.feeds.values():
-            try:
-                feed.tracker.load(await self.index.load_engine_map(feed.pod))
-            except IndexUnavailable as exc:
-                log.warning("pod %s: engine map not loaded (%s); its old blocks cannot be removed", feed.pod, exc)
-            if feed.endpoint:
-                self._tasks.append(asyncio.ensure_future(self._listen_pod(feed)))
+            await self._start_feed(feed)
         if self.config.ingest.bind:
             self._tasks.append(asyncio.ensure_future(self._listen_central(self.config.ingest.bind)))
         self._tasks.append(asyncio.ensure_future(self._janitor()))
-        for feed in self.feeds.values():
-            if feed.replay:
-                self._tasks.append(asyncio.ensure_future(self._catch_up(feed)))
+
+    async def _start_feed(self, feed: Feed) -> None:
+        try:
+            feed.tracker.load(await self.index.load_engine_map(feed.pod))
+        except IndexUnavailable as exc:
+            log.warning("pod %s: engine map not loaded (%s); its old blocks cannot be removed", feed.pod, exc)
+        if feed.endpoint:
+            self._pod_tasks[feed.pod] = asyncio.ensure_future(self._listen_pod(feed))
+        if feed.replay:
+            self._tasks.append(asyncio.ensure_future(self._catch_up(feed)))
+
+    async def _stop_feed(self, pod: str) -> None:
+        task = self._pod_tasks.pop(pod, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        sock = self._sockets.pop(pod, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    async def reconfigure(self, config: Config) -> None:
+        """Adopt a reloaded config: new pods are subscribed, removed pods dropped from the index."""
+        self.config = config
+        wanted = {pod.id: pod for pod in config.pods if pod.kv_events or config.ingest.bind}
+        for pod_id in list(self.feeds):
+            pod = wanted.get(pod_id)
+            feed = self.feeds[pod_id]
+            if pod is None or (pod.kv_events, pod.kv_replay) != (feed.endpoint, feed.replay):
+                await self._stop_feed(pod_id)
+                del self.feeds[pod_id]
+                if pod is None:
+                    async with self._locks.setdefault(pod_id, asyncio.Lock()):
+                        await self.purge(pod_id, "unconfigured")
+        for pod_id, pod in wanted.items():
+            if pod_id not in self.feeds:
+                feed = self.feeds[pod_id] = self._feed(pod_id, pod_model(pod, config), pod.kv_events, pod.kv_replay)
+                await self._start_feed(feed)
 
     async def stop(self) -> None:
+        for pod in list(self._pod_tasks):
+            await self._stop_feed(pod)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

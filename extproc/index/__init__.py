@@ -90,6 +90,10 @@ class BlockIndex(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def check_credentials(self) -> None:
+        """Raise ConfigError if the index refuses our credentials (a start-up error)."""
+        ...
+
     # Write side (the ingester).
     async def apply(self, pod: str, writes: Writes) -> None: ...
 

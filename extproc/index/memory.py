@@ -21,6 +21,9 @@ class MemoryIndex:
     async def ping(self) -> None:
         return None
 
+    async def check_credentials(self) -> None:
+        return None
+
     async def apply(self, pod: str, writes: Writes) -> None:
         held = self._held.setdefault(pod, set())
         for ref, at in writes.stored.items():

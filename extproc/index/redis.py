@@ -18,9 +18,14 @@ from collections.abc import Sequence
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    RedisError,
+    ResponseError,
+)
 
-from ..config import IndexConfig
+from ..config import ConfigError, IndexConfig, read_secret
 from . import FEED_LOST, BlockRef, IndexUnavailable, Invalidation, InvalidationListener, PodTimes, Writes
 
 log = logging.getLogger("extproc.index.redis")
@@ -30,6 +35,16 @@ CHUNK = 5000
 
 _encode_invalidation = msgspec.msgpack.Encoder().encode
 _decode_invalidation = msgspec.msgpack.Decoder(Invalidation).decode
+
+
+def redact(url: str) -> str:
+    """The URL without any password in it, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    auth, _, host = rest.rpartition("@")
+    user = auth.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':***@' if user else '***@'}{host}"
 
 
 class RedisIndex:
@@ -44,12 +59,34 @@ class RedisIndex:
 
     @classmethod
     def from_config(cls, config: IndexConfig) -> "RedisIndex":
-        client = aioredis.from_url(
-            config.redis_url,
-            socket_connect_timeout=max(config.timeout, 1.0),
-            health_check_interval=30,
-        )
-        return cls(client, key_prefix=config.key_prefix, meta_prefix=config.meta_prefix, timeout=config.timeout)
+        options: dict = {"socket_connect_timeout": max(config.timeout, 1.0), "health_check_interval": 30}
+        password = read_secret(config.password_file, config.password_env)
+        if password is not None:
+            options["password"] = password
+        if config.username:
+            options["username"] = config.username
+        if config.redis_url.startswith("rediss://"):
+            options.update({k: v for k, v in (("ssl_ca_certs", config.tls_ca_file), ("ssl_certfile", config.tls_cert_file),
+                                               ("ssl_keyfile", config.tls_key_file)) if v})
+        client = aioredis.from_url(config.redis_url, **options)
+        index = cls(client, key_prefix=config.key_prefix, meta_prefix=config.meta_prefix, timeout=config.timeout)
+        index.where = redact(config.redis_url)
+        return index
+
+    where = "redis"
+
+    async def check_credentials(self) -> None:
+        """Fail start-up on rejected credentials; an unreachable Redis only degrades routing."""
+        try:
+            await asyncio.wait_for(self._client.ping(), 5.0)
+        except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+            raise ConfigError(f"redis at {self.where} rejected the credentials: {exc}") from None
+        except ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+                raise ConfigError(f"redis at {self.where} rejected the credentials: {exc}") from None
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis at %s is not reachable yet (%s); routing by load until it is", self.where, exc)
 
     def _block(self, model: str, key: int) -> str:
         return f"{self._prefix}{model}@{key}"
