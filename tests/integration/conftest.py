@@ -7,6 +7,7 @@ and by choosing fresh prompts.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -153,3 +154,56 @@ def stack(workdir, pods, tokenizer_dir, mode="envoy.yaml", **extra):
         proxy.proc.stop()
         proc.proc.stop()
         server.proc.stop()
+
+
+class LoadLoop:
+    """A bounded loop of chat requests through Envoy from a few threads; records every outcome."""
+
+    def __init__(self, url: str, *, total: int = 400, threads: int = 4, seconds: float = 60.0, prompt=None):
+        import threading
+
+        self.url = url
+        self.total = total
+        self.threads = threads
+        self.deadline = time.monotonic() + seconds
+        self.prompt = prompt or (lambda i: [{"role": "user", "content": f"load {i}"}])
+        self.results: list[tuple[float, int, str]] = []  # (time, status, served by or error)
+        self._lock = threading.Lock()
+        self._next = 0
+        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._next >= self.total or time.monotonic() > self.deadline:
+                return None
+            self._next += 1
+            return self._next
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=20) as client:
+            while (i := self._take()) is not None:
+                try:
+                    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": self.prompt(i)})
+                    outcome = (time.monotonic(), reply.status_code, reply.headers.get("x-served-by", ""))
+                except httpx.HTTPError as exc:
+                    outcome = (time.monotonic(), 0, f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.results.append(outcome)
+
+    def start(self) -> "LoadLoop":
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while len(self.results) < count and time.monotonic() < end:
+            time.sleep(0.01)
+
+    def join(self) -> "LoadLoop":
+        for worker in self._workers:
+            worker.join(90)
+        return self
+
+    def failures(self) -> list[tuple[float, int, str]]:
+        return [r for r in self.results if r[1] != 200]

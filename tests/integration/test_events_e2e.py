@@ -156,3 +156,32 @@ def test_two_ingest_processes_side_by_side_keep_one_true_index(workdir, tokenize
 def _seen(ingester) -> bool:
     """The ingester applied at least one batch (its lag histogram has a sample)."""
     return counter(ingester, "kv_extproc_kv_event_lag_seconds_count") > 0
+
+
+def test_metrics_appear_and_move(fleet, tokenizer):
+    server, pods, proc, proxy = fleet
+    with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
+        for i in range(3):
+            client.chat.completions.create(model=MODEL, messages=messages(4, f"metrics {i}"))
+    text = proc.metrics()
+    moved = [
+        'kv_extproc_requests_total{outcome="cache"}',
+        'kv_extproc_stage_seconds_count{stage="parse"}',
+        'kv_extproc_stage_seconds_count{stage="tokenize"}',
+        'kv_extproc_stage_seconds_count{stage="lookup"}',
+        'kv_extproc_stage_seconds_count{stage="score"}',
+        'kv_extproc_stage_seconds_count{stage="decision"}',
+        "kv_extproc_matched_prefix_ratio_count",
+        'kv_extproc_prefix_cache_lookups_total{outcome="partial"}',
+        "kv_extproc_prefix_cache_entries",
+        'kv_extproc_kv_events_total{type="BlockStored"}',
+        "kv_extproc_router_blocks_written_total",
+        "kv_extproc_kv_event_lag_seconds_count",
+        "kv_extproc_pods",
+    ]
+    for name in moved:
+        assert counter(proc, name) > 0, f"{name} did not move"
+    for family in ("kv_extproc_fallbacks_total", "kv_extproc_index_errors_total", "kv_extproc_kv_event_decode_errors_total",
+                   "kv_extproc_kv_event_sequence_gaps_total", "kv_extproc_pod_purges_total",
+                   'kv_extproc_pod_index_age_seconds{pod="pod-a"}', 'kv_extproc_pod_in_flight_requests{pod="pod-a"}'):
+        assert family.split("{")[0] in text, f"{family} is not exported"

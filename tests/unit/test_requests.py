@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.requests import RequestError, is_routed_path, parse
 
@@ -82,3 +84,42 @@ def test_invalid_bodies_are_400_with_openai_error(path, raw, param):
     assert payload["error"]["type"] == "invalid_request_error"
     assert payload["error"]["param"] == param
     assert payload["error"]["message"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=40,
+)
+fields = st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.text(max_size=10), json_values), "prompt": json_values, "messages": json_values,
+    "tools": json_values, "chat_template_kwargs": json_values, "add_generation_prompt": json_values,
+})
+
+
+@settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "400")), deadline=None)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), data=st.one_of(fields, json_values))
+def test_fuzzed_bodies_parse_or_fail_with_a_request_error(path, data):
+    try:
+        raw = json.dumps(data).encode()
+    except (ValueError, OverflowError):
+        return
+    try:
+        parse(path, raw)
+    except RequestError as exc:
+        assert exc.status == 400 and json.loads(exc.body())["error"]["message"]
+
+
+@settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "400")), deadline=None)
+@given(raw=st.binary(max_size=300))
+def test_fuzzed_bytes_parse_or_fail_with_a_request_error(raw):
+    try:
+        parse("/v1/chat/completions", raw)
+    except RequestError:
+        pass
+
+
+def test_too_many_messages_is_a_400():
+    with pytest.raises(RequestError) as err:
+        parse("/v1/chat/completions", body(model="m", messages=[{"role": "user", "content": "x"}] * 5), max_messages=4)
+    assert err.value.code == "too_many_messages"

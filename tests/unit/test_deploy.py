@@ -1,0 +1,124 @@
+"""Every manifest and compose file we ship is well-formed and consistent, and the Envoy and
+kv-extproc configs inside them load (Envoy's own ``--mode validate``, our config loader)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc import config as config_mod
+from extproc.devstack import REPO_ROOT
+
+K8S = sorted((REPO_ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+COMPOSE_DIR = REPO_ROOT / "deploy" / "compose"
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
+API = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1", "ConfigMap": "v1",
+       "PersistentVolumeClaim": "v1"}
+
+
+def k8s_docs() -> list[dict]:
+    return [doc for path in K8S for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def envoy_validates(text: str, tmp_path: Path) -> None:
+    path = tmp_path / f"envoy-{abs(hash(text))}.yaml"
+    path.write_text(text)
+    result = subprocess.run(["envoy", "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-1500:]
+
+
+def test_every_manifest_is_a_known_kind_with_a_valid_name():
+    docs = k8s_docs()
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap"}
+    for doc in docs:
+        assert doc["apiVersion"] == API[doc["kind"]], doc["kind"]
+        assert DNS1123.match(doc["metadata"]["name"]), doc["metadata"]["name"]
+
+
+def test_workloads_select_their_own_pods_and_name_their_images_and_ports():
+    for doc in (d for d in k8s_docs() if d["kind"] in WORKLOADS):
+        spec = doc["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items(), doc["metadata"]["name"]
+        for container in spec["template"]["spec"]["containers"]:
+            assert container["image"] and DNS1123.match(container["name"])
+            for port in container.get("ports", []):
+                assert isinstance(port["containerPort"], int) and 0 < port["containerPort"] < 65536
+
+
+def test_services_select_pods_that_expose_their_target_ports():
+    docs = k8s_docs()
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        selector = service["spec"]["selector"]
+        chosen = [w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert chosen, f"service {service['metadata']['name']} selects nothing"
+        ports = {p["containerPort"] for w in chosen for c in w["spec"]["template"]["spec"]["containers"]
+                 for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, (service["metadata"]["name"], port)
+
+
+def test_volumes_refer_to_config_maps_and_claims_that_exist():
+    docs = k8s_docs()
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for workload in (d for d in docs if d["kind"] in WORKLOADS):
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+
+
+def test_kv_extproc_runs_two_replicas_non_root_with_grpc_readiness_and_a_valid_config():
+    docs = k8s_docs()
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kv-extproc")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 9002
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kv-extproc-config")
+    conf = config_mod.from_dict(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert conf.index.backend == "redis" and len(conf.pods) >= 2
+
+
+def test_the_example_vllm_engines_publish_kv_events_with_a_stable_identity():
+    vllm = next(d for d in k8s_docs() if d["kind"] == "StatefulSet")
+    args = " ".join(vllm["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--kv-events-config" in args and '"endpoint": "tcp://*:5557"' in args and "--enable-prefix-caching" in args
+    assert vllm["spec"]["serviceName"] == "vllm"
+
+
+def test_the_envoy_config_map_validates(tmp_path):
+    config_map = next(d for d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config")
+    envoy_validates(config_map["data"]["envoy.yaml"], tmp_path)
+
+
+def test_the_compose_file_is_consistent_and_its_configs_load(tmp_path):
+    compose = yaml.safe_load((COMPOSE_DIR / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert services["envoy"]["image"].startswith("envoyproxy/envoy:")
+    assert {"redis", "kv-extproc", "pod-a", "pod-b", "pod-c"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, (name, dependency)
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            assert (COMPOSE_DIR / host).exists(), (name, host)
+        if "build" in service:
+            assert (COMPOSE_DIR / service["build"]["context"] / service["build"]["dockerfile"]).exists()
+    config_mod.load(COMPOSE_DIR / "kv-extproc.yaml")
+    envoy_validates((COMPOSE_DIR / "envoy.yaml").read_text(), tmp_path)
+
+
+def test_the_image_is_slim_and_runs_as_non_root():
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user[-1] not in ("root", "0")
