@@ -71,6 +71,12 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not cost the client its request
             log.exception("routing failed")
             return self._fallback("error", f"{type(exc).__name__}: {exc}", candidates)
+        if any(self.pool.get(pod.id) is not pod for pod in candidates):
+            # The pod list was reloaded while we waited on the tokenizer or the index: decide
+            # among the pods configured now, so a removed pod gets no traffic from this moment.
+            candidates = self.pool.candidates(request.model) or self.pool.all()
+            if not candidates:
+                return None
         decision = choose(candidates, match.matched, match.total_blocks, self.pool)
         elapsed = time.perf_counter() - started
         for stage, seconds in match.timings.items():

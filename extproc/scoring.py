@@ -53,7 +53,7 @@ def scores(matched: dict[str, int], total_blocks: int) -> dict[str, float]:
 
 def choose(candidates: Sequence[Pod], matched: dict[str, int], total_blocks: int, pool: PodPool) -> Decision:
     """Best score wins; ties and an all-zero field go to the least loaded pod."""
-    best = max(matched.values(), default=0)
+    best = max((matched.get(pod.id, 0) for pod in candidates), default=0)
     if best == 0:
         pod = pool.least_loaded(candidates)
         return Decision(pod, 0.0, 0, total_blocks, by_cache=False)

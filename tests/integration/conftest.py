@@ -168,6 +168,7 @@ class LoadLoop:
         self.deadline = time.monotonic() + seconds
         self.prompt = prompt or (lambda i: [{"role": "user", "content": f"load {i}"}])
         self.results: list[tuple[float, int, str]] = []  # (time, status, served by or error)
+        self.chosen: list[tuple[float, str]] = []  # (time, the address kv-extproc chose; "" if none)
         self._lock = threading.Lock()
         self._next = 0
         self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -185,6 +186,7 @@ class LoadLoop:
                 try:
                     reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": self.prompt(i)})
                     outcome = (time.monotonic(), reply.status_code, reply.headers.get("x-served-by", ""))
+                    self.chosen.append((outcome[0], reply.headers.get("x-test-lb-metadata", "")))
                 except httpx.HTTPError as exc:
                     outcome = (time.monotonic(), 0, f"{type(exc).__name__}: {exc}")
                 with self._lock:

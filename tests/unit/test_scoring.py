@@ -54,3 +54,26 @@ def test_no_match_spreads_by_load_then_round_robin():
     p.get("a").in_flight = 1
     p.get("b").in_flight = 1
     assert {choose(p.all(), {}, 4, p).pod.id for _ in range(4)} == {"c"}
+
+
+async def test_a_pod_removed_while_a_decision_is_in_flight_is_not_chosen():
+    import asyncio
+
+    from extproc.indexer import PrefixMatch
+    from extproc.metrics import Metrics
+    from extproc.requests import RoutingRequest
+    from extproc.routing import Router
+
+    p = pool("a", "b")
+
+    class SlowIndexer:
+        async def get_pod_scores(self, request, pod_ids):
+            await asyncio.sleep(0.05)
+            return PrefixMatch({"b": 4}, 4)  # b holds the whole prompt...
+
+    router = Router(p, SlowIndexer(), Metrics(), decision_timeout=5)
+    pending = asyncio.ensure_future(router.route(RoutingRequest(model="m", kind="completion", prompt="x")))
+    await asyncio.sleep(0.01)
+    p.update([PodConfig(id="a", address="10.0.0.1:8000")])  # ...but is removed meanwhile
+    decision = await pending
+    assert decision.pod.id == "a"
