@@ -206,3 +206,33 @@ def test_sigterm_during_a_load_loop_loses_no_request(workdir, pods, tokenizer_di
     finally:
         proxy.proc.stop()
         proc.proc.stop()
+
+
+def test_a_redis_acl_user_with_its_password_from_the_environment(workdir, pods, tokenizer_dir, monkeypatch):
+    server = devstack.start_redis(workdir, password="admin-pass")
+    try:
+        admin = redis.Redis(port=server.port, password="admin-pass")
+        admin.execute_command("ACL", "SETUSER", "router", "on", ">router-pass", "~*", "&*", "+@all")
+        admin.close()
+        conf = extproc_config(f"redis://127.0.0.1:{server.port}/0", pods, tokenizer_dir)
+        conf["index"].update(username="router", passwordEnv="KV_TEST_REDIS_PASSWORD")
+        monkeypatch.setenv("KV_TEST_REDIS_PASSWORD", "router-pass")
+        proc = devstack.start_extproc(conf, workdir)  # SERVING only once the index answered
+        try:
+            assert health(proc.listen) == health_pb2.HealthCheckResponse.SERVING
+            assert "router-pass" not in proc.proc.log()
+        finally:
+            proc.proc.stop()
+    finally:
+        server.proc.stop()
+
+
+def test_the_config_file_is_reloaded_when_it_changes(workdir, pods, tokenizer_dir, redis_server):
+    conf = extproc_config(redis_server.url, pods, tokenizer_dir, reloadInterval="200ms")
+    proc = devstack.start_extproc(conf, workdir)
+    try:
+        time.sleep(0.05)
+        proc.config_path.write_text(json.dumps({**proc.config, "pods": conf["pods"][:1]}))
+        wait_until(lambda: "kv_extproc_pods 1.0" in proc.metrics(), what="reloaded on change")
+    finally:
+        proc.proc.stop()

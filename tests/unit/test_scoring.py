@@ -77,3 +77,24 @@ async def test_a_pod_removed_while_a_decision_is_in_flight_is_not_chosen():
     p.update([PodConfig(id="a", address="10.0.0.1:8000")])  # ...but is removed meanwhile
     decision = await pending
     assert decision.pod.id == "a"
+
+
+async def test_a_prompt_over_max_prompt_tokens_is_routed_by_load(tokenizer_dir):
+    from extproc.index.memory import MemoryIndex
+    from extproc.indexer import Indexer
+    from extproc.metrics import Metrics
+    from extproc.requests import RoutingRequest
+    from extproc.routing import Router
+    from extproc.tokenization import TokenizerManager
+
+    tokenizers = TokenizerManager({"m": tokenizer_dir})
+    metrics = Metrics()
+    router = Router(pool("a", "b"), Indexer(tokenizers, MemoryIndex(), block_size=4, max_blocks=8, scheme="chained",
+                                             max_prompt_tokens=10), metrics, decision_timeout=10)
+    try:
+        decision = await router.route(RoutingRequest(model="m", kind="completion", prompt="word " * 50))
+        by_ids = await router.route(RoutingRequest(model="m", kind="completion", token_ids=list(range(11))))
+    finally:
+        tokenizers.close()
+    assert decision is not None and not decision.by_cache and by_ids is not None
+    assert metrics.fallbacks.labels("prompt_too_long")._value.get() == 2
