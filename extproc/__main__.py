@@ -21,6 +21,7 @@ from .health import Readiness
 from .index import BlockIndex, open_index
 from .indexer import Indexer
 from .metrics import Metrics
+from .podhealth import PodHealthChecker
 from .pods import PodPool
 from .prefixcache import PrefixCache, PrefixCacheConfig
 from .routing import Router
@@ -121,6 +122,17 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     if config.ingest.enabled:
         ingester = Ingester(index, config, metrics)
         await ingester.start()
+    if config.pod_health.enabled:
+        async def purge(pod_id: str) -> None:
+            if ingester is not None:
+                await ingester.purge(pod_id, "dead")
+            else:
+                await index.purge_pod(pod_id)
+
+        ph = config.pod_health
+        checker = PodHealthChecker(pool, path=ph.path, interval=ph.interval, timeout=ph.timeout,
+                                   unhealthy_after=ph.unhealthy_after, purge_after=ph.purge_after, purge=purge)
+        background.append(asyncio.ensure_future(checker.run()))
     metrics.watch_pods(pool, ingester)
     metrics_server = _serve_metrics(config, metrics)
     log.info(
@@ -146,8 +158,11 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     try:
         await signals.stop.wait()
     finally:
-        log.info("shutting down: no new streams, finishing open ones (up to %.0fs)", SHUTDOWN_GRACE_SECONDS)
         await readiness.set(False)
+        if config.shutdown_delay:
+            log.info("shutting down: NOT_SERVING for %.1fs so traffic moves elsewhere", config.shutdown_delay)
+            await asyncio.sleep(config.shutdown_delay)
+        log.info("shutting down: no new streams, finishing open ones (up to %.0fs)", SHUTDOWN_GRACE_SECONDS)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
         for task in background:
             task.cancel()

@@ -213,6 +213,23 @@ class PrefixStoreConfig(_Section):
             _positive(name, value)
 
 
+class PodHealthConfig(_Section):
+    enabled: bool = True
+    path: str = "/health"
+    interval: Duration = Duration(1.0)
+    timeout: Duration = Duration(1.0)
+    unhealthy_after: Duration = Duration(3.0)
+    """Failing this long takes a pod out of the candidate set (back on its first success)."""
+    purge_after: Duration = Duration(30.0)
+    """Failing this long also drops its index entries (0 = never)."""
+
+    def __post_init__(self) -> None:
+        _positive("interval", self.interval)
+        _positive("timeout", self.timeout)
+        if self.unhealthy_after < 0 or self.purge_after < 0:
+            raise ValueError("unhealthyAfter and purgeAfter must not be negative")
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:9002"
     metrics_listen: str = "127.0.0.1:9090"
@@ -236,6 +253,10 @@ class Config(_Section):
     """Include prompt text in debug logs. Off by default: prompts are user data."""
     tls: TlsConfig = TlsConfig()
     health: HealthConfig = HealthConfig()
+    pod_health: PodHealthConfig = PodHealthConfig()
+    shutdown_delay: Duration = Duration(0.0)
+    """On SIGTERM, report NOT_SERVING this long before refusing new streams, so Envoy's health
+    checks move traffic to other replicas first (set above Envoy's health-check interval)."""
     reload_interval: Duration = Duration(2.0)
     """How often the config file is checked for changes (0: only on SIGHUP)."""
     models: list[ModelConfig] = []

@@ -117,6 +117,11 @@ class _PodCollector(Collector):
 
         if self._pool is not None:
             yield GaugeMetricFamily("kv_extproc_pods", "Candidate pods configured.", value=len(self._pool))
+            healthy = GaugeMetricFamily("kv_extproc_pod_healthy", "1 if the pod answers its health checks.",
+                                        labels=["pod"])
+            for pod in self._pool.all():
+                healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
+            yield healthy
         if self._ingester is not None:
             age = GaugeMetricFamily("kv_extproc_pod_index_age_seconds",
                                     "Seconds since the pod's last KV event reached the index.", labels=["pod"])

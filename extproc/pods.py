@@ -1,7 +1,9 @@
-"""The candidate pods: who serves which model, where to send it, and what is in flight.
+"""The candidate pods: who serves which model, where to send it, what is in flight, and
+whether it answers its health checks.
 
 In-flight counts are this process's own view (requests it routed whose ext_proc stream
 is still open); they break ties between equally good caches and spread cold traffic.
+A pod that fails its health checks (podhealth.py) is no candidate until it answers again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ class Pod:
     address: str
     models: frozenset[str] = field(default_factory=frozenset)
     in_flight: int = 0
+    healthy: bool = True
+    failing_since: float | None = None
+    """Monotonic time of the first failed health check in the current run of failures."""
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -49,7 +54,15 @@ class PodPool:
         return list(self._pods.values())
 
     def candidates(self, model: str) -> list[Pod]:
+        """Healthy pods serving the model."""
+        return [pod for pod in self._pods.values() if pod.healthy and pod.serves(model)]
+
+    def serving(self, model: str) -> list[Pod]:
+        """Every configured pod serving the model, healthy or not."""
         return [pod for pod in self._pods.values() if pod.serves(model)]
+
+    def healthy(self) -> list[Pod]:
+        return [pod for pod in self._pods.values() if pod.healthy]
 
     def least_loaded(self, pods: Sequence[Pod]) -> Pod:
         """Fewest in flight; equal counts take turns so cold traffic spreads evenly."""

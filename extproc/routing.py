@@ -50,9 +50,14 @@ class Router:
         """The pod for this request, or None when no pod is configured at all."""
         candidates = self.pool.candidates(request.model)
         if not candidates:
-            if not len(self.pool):
+            if self.pool.serving(request.model):
+                # Every pod of the model fails its health checks: let Envoy's own pool decide.
+                self._count_fallback("no_healthy_pod", f"no healthy pod serves model {request.model!r}")
                 return None
-            return self._fallback("unknown_model", f"no configured pod serves model {request.model!r}", self.pool.all())
+            healthy = self.pool.healthy()
+            if not healthy:
+                return None
+            return self._fallback("unknown_model", f"no configured pod serves model {request.model!r}", healthy)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.decision_timeout):
@@ -74,7 +79,7 @@ class Router:
         if any(self.pool.get(pod.id) is not pod for pod in candidates):
             # The pod list was reloaded while we waited on the tokenizer or the index: decide
             # among the pods configured now, so a removed pod gets no traffic from this moment.
-            candidates = self.pool.candidates(request.model) or self.pool.all()
+            candidates = self.pool.candidates(request.model) or self.pool.healthy()
             if not candidates:
                 return None
         decision = choose(candidates, match.matched, match.total_blocks, self.pool)
@@ -105,7 +110,10 @@ class Router:
         return decision
 
     def _fallback(self, reason: str, message: str, candidates: list) -> Decision:
+        self._count_fallback(reason, message)
+        return Decision(self.pool.least_loaded(candidates), 0.0, 0, 0, by_cache=False)
+
+    def _count_fallback(self, reason: str, message: str) -> None:
         self.metrics.requests.labels("fallback").inc()
         self.metrics.fallbacks.labels(reason).inc()
         self._warn.warning(reason, f"routing by load: {message}")
-        return Decision(self.pool.least_loaded(candidates), 0.0, 0, 0, by_cache=False)

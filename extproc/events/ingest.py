@@ -55,6 +55,9 @@ class Feed:
     replay: str = ""
     last_seq: int | None = None
     skip_upto: int | None = None
+    reconnected: bool = False
+    """The connection dropped and came back: the next message must continue the sequence
+    exactly, or the publisher is taken to have restarted."""
     last_seen: float = field(default_factory=time.monotonic)
     silent_purged: bool = False
 
@@ -169,11 +172,34 @@ class Ingester:
     async def _listen_pod(self, feed: Feed) -> None:
         sock = self._sub(feed.pod)
         sock.setsockopt(zmq.SUBSCRIBE, self.config.ingest.topic.encode())
+        watcher = asyncio.ensure_future(self._watch_connection(sock, feed))
         sock.connect(feed.endpoint)
         log.info("pod %s: subscribed to KV events at %s", feed.pod, feed.endpoint)
-        while True:
-            batch = await self._drain(sock)
-            await self.process(feed, batch)
+        try:
+            while True:
+                batch = await self._drain(sock)
+                await self.process(feed, batch)
+        finally:
+            watcher.cancel()
+
+    async def _watch_connection(self, sock: zmq.asyncio.Socket, feed: Feed) -> None:
+        """Notice a publisher that went away and came back (a restarted engine, usually)."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        dropped = False
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    dropped = True
+                elif event == zmq.EVENT_CONNECTED and dropped:
+                    dropped = False
+                    feed.reconnected = True
+                    log.info("pod %s: KV event publisher reconnected", feed.pod)
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
 
     async def _listen_central(self, endpoint: str) -> None:
         sock = self._sub("central")
@@ -229,9 +255,14 @@ class Ingester:
                     if message.seq <= feed.skip_upto:
                         continue
                     feed.skip_upto = None
-                if feed.last_seq is not None and message.seq != feed.last_seq + 1:
+                if feed.reconnected and feed.last_seq is not None and message.seq != feed.last_seq + 1:
+                    # Back after a drop and not where it left off: a new engine process.
+                    writes = await self._flush(feed, writes)
+                    await self._restarted(feed, message.seq)
+                elif feed.last_seq is not None and message.seq != feed.last_seq + 1:
                     writes = await self._flush(feed, writes)
                     await self._resync(feed, message.seq)
+                feed.reconnected = False
                 writes = await self._apply(feed, message.batch, writes)
                 feed.last_seq = message.seq
             await self._flush(feed, writes)
@@ -275,13 +306,25 @@ class Ingester:
         assert last is not None
         if seq <= last:
             log.warning("pod %s: sequence went back from %d to %d: engine restarted", feed.pod, last, seq)
-            await self.purge(feed.pod, "restart")
+            await self._restarted(feed, seq)
             return
         self.metrics.sequence_gaps.labels(feed.pod).inc()
         log.warning("pod %s: lost events %d..%d", feed.pod, last + 1, seq - 1)
         if feed.replay and await self._replay(feed, last + 1, seq):
             return
         await self.purge(feed.pod, "gap")
+
+    async def _restarted(self, feed: Feed, seq: int) -> None:
+        """Drop everything of the old process; take what the new one sent before ``seq`` from
+        its replay buffer when it has one (we may have joined after its first batches)."""
+        await self.purge(feed.pod, "restart")
+        feed.last_seq = None
+        if feed.replay and seq > 0:
+            replies = await self._fetch_replay(feed, 0)
+            replies = [(s, p) for s, p in replies or () if s < seq]
+            if [s for s, _ in replies] == list(range(seq)):
+                await self._apply_replies(feed, replies)
+                feed.skip_upto = None
 
     async def _replay(self, feed: Feed, start: int, upto: int) -> bool:
         """Fill the gap start..upto-1 from the pod's replay buffer; False if it cannot."""

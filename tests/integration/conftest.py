@@ -209,3 +209,40 @@ class LoadLoop:
 
     def failures(self) -> list[tuple[float, int, str]]:
         return [r for r in self.results if r[1] != 200]
+
+
+@contextlib.contextmanager
+def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300, hosts_from: int = 5,
+                mode: str = "envoy.yaml", **extra):
+    """Redis + three fake pods that keep a prefix cache and publish KV events + kv-extproc
+    ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy)."""
+    from extproc.fakeengine import EngineCache, KVEventPublisher, SimulatedEngine
+    from extproc.requests import parse
+    from extproc.tokenization import tokenize_with
+
+    server = devstack.start_redis(workdir)
+    pods = {}
+    for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
+        host = f"127.0.0.{n + hosts_from}"
+        engine = SimulatedEngine(
+            lambda path, body: tokenize_with(tokenizer, parse(path, body)),
+            EngineCache(capacity_blocks=capacity_blocks, block_size=16),
+            KVEventPublisher(f"tcp://{host}:*"),
+        )
+        pods[name] = FakePod(name, host, devstack.free_port(host), model=MODEL, engine=engine).start()
+    conf = extproc_config(server.url, pods, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": 16}, **extra)
+    for pod_conf in conf["pods"]:
+        pod_conf["kvEvents"] = pods[pod_conf["id"]].engine.publisher.endpoint
+    proc = devstack.start_extproc(conf, workdir)
+    proxy = envoy_for(mode, [proc.listen], pods, workdir)
+    try:
+        yield server, pods, proc, proxy
+    finally:
+        proxy.proc.stop()
+        proc.proc.stop()
+        for pod in pods.values():
+            try:
+                pod.stop()
+            except OSError:
+                pass
+        server.proc.stop()

@@ -32,10 +32,8 @@ def test_variants_differ_from_the_default_only_in_processing_mode():
     assert base == duplex
 
 
-def test_the_routing_header_is_stripped_before_ext_proc_runs():
+def test_the_routing_header_is_stripped_before_any_route_is_chosen():
     conf = yaml.safe_load((devstack.ENVOY_DIR / "envoy.yaml").read_text())
     hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    names = [f["name"] for f in hcm["http_filters"]]
-    assert names.index("envoy.filters.http.header_mutation") < names.index("envoy.filters.http.ext_proc")
-    mutation = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]["typed_config"]
-    assert {"remove": "x-gateway-destination-endpoint"} in mutation["mutations"]["request_mutations"]
+    [early] = hcm["early_header_mutation_extensions"]
+    assert {"remove": "x-gateway-destination-endpoint"} in early["typed_config"]["mutations"]

@@ -13,12 +13,9 @@ import redis
 
 from extproc import devstack
 from extproc.blocks import block_keys
-from extproc.fakeengine import EngineCache, KVEventPublisher, SimulatedEngine
-from extproc.fakepod import FakePod
-from extproc.requests import parse
-from extproc.tokenization import tokenize_with
+from extproc.fakeengine import EngineCache, KVEventPublisher
 from tests.conftest import MODEL
-from tests.integration.conftest import BLOCK_SIZE, KEY_PREFIX, envoy_for, extproc_config, served_by
+from tests.integration.conftest import BLOCK_SIZE, KEY_PREFIX, event_fleet, served_by
 
 pytestmark = pytest.mark.integration
 
@@ -27,27 +24,8 @@ ENGINE_CAPACITY = 300  # engine blocks of 16 tokens per pod: room for about four
 
 @pytest.fixture(scope="module")
 def fleet(workdir, tokenizer, tokenizer_dir):
-    server = devstack.start_redis(workdir)
-    pods = {}
-    for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
-        host = f"127.0.0.{n + 5}"
-        engine = SimulatedEngine(
-            lambda path, body: tokenize_with(tokenizer, parse(path, body)),
-            EngineCache(capacity_blocks=ENGINE_CAPACITY, block_size=16),
-            KVEventPublisher(f"tcp://{host}:*"),
-        )
-        pods[name] = FakePod(name, host, devstack.free_port(host), model=MODEL, engine=engine).start()
-    conf = extproc_config(server.url, pods, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": 16})
-    for pod_conf in conf["pods"]:
-        pod_conf["kvEvents"] = pods[pod_conf["id"]].engine.publisher.endpoint
-    proc = devstack.start_extproc(conf, workdir)
-    proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
-    yield server, pods, proc, proxy
-    proxy.proc.stop()
-    proc.proc.stop()
-    for pod in pods.values():
-        pod.stop()
-    server.proc.stop()
+    with event_fleet(workdir, tokenizer, tokenizer_dir, capacity_blocks=ENGINE_CAPACITY) as parts:
+        yield parts
 
 
 def system_prompt(tenant: int) -> str:

@@ -390,3 +390,33 @@ async def test_a_restarted_pod_is_picked_up_again_on_the_same_endpoint(h, tokeni
         return await h.matched(after, "pod-a")
     await wait_for(reindexed, timeout=10, what="events from the restarted pod")
     assert await h.matched(before, "pod-a") == 0, "what the old process held is gone"
+
+
+async def test_a_restarted_kv_extproc_with_the_memory_index_is_cache_aware_again_from_the_replay_buffer(tokenizer):
+    """Everything the pod published before we (re)started comes back from its replay buffer."""
+    from extproc.index.memory import MemoryIndex
+
+    pub = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
+    engine = EngineCache(block_size=ENGINE_BLOCK)
+    prompts = [prompt_tokens(tokenizer, s) for s in (24, 25)]
+    for tokens in prompts:
+        pub.publish(engine.admit(tokens)[1])  # nobody listening yet
+    conf = config_mod.from_dict({
+        "index": {"backend": "memory"}, "blockSizeToHash": ROUTER_BLOCK, "models": [{"name": MODEL}],
+        "pods": [{"id": "pod-a", "address": "127.0.0.1:1", "kvEvents": pub.endpoint, "kvReplay": pub.replay_endpoint}],
+    })
+    index = MemoryIndex()
+    ingester = Ingester(index, conf, Metrics())
+    started = time.monotonic()
+    await ingester.start()
+    try:
+        async def warm():
+            hits = await index.lookup(MODEL, block_keys(prompts[1], ROUTER_BLOCK, 128))
+            return matched_prefix(hits, ["pod-a"]).get("pod-a", 0) == len(prompts[1]) // ROUTER_BLOCK
+        await wait_for(warm, timeout=5, what="rebuilt from the replay buffer")
+        assert time.monotonic() - started < 5
+        first = await index.lookup(MODEL, block_keys(prompts[0], ROUTER_BLOCK, 128))
+        assert matched_prefix(first, ["pod-a"])["pod-a"] == len(prompts[0]) // ROUTER_BLOCK
+    finally:
+        await ingester.stop()
+        pub.close()

@@ -122,3 +122,16 @@ def test_the_image_is_slim_and_runs_as_non_root():
     assert "FROM python:3.11-slim" in dockerfile
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user and user[-1] not in ("root", "0")
+
+
+def test_the_deployed_envoy_configs_are_the_shipped_one_with_their_addresses():
+    """compose and Kubernetes carry envoy/envoy.yaml re-rendered: they must not drift from it."""
+    from extproc.devstack import render_envoy
+
+    compose = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    assert compose == render_envoy("envoy.yaml", listen="0.0.0.0:8080", admin="0.0.0.0:9901",
+                                   extproc=["kv-extproc:9002"],
+                                   pods=["172.28.0.11:8000", "172.28.0.12:8000", "172.28.0.13:8000"])
+    config_map = next(d for d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config")
+    assert yaml.safe_load(config_map["data"]["envoy.yaml"]) == render_envoy(
+        "envoy.yaml", listen="0.0.0.0:8080", admin="127.0.0.1:9901", extproc=["kv-extproc:9002"], pods=["vllm:8000"])
