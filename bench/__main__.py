@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("decision", "prefixcache", "ingest", "envoy_load")
+PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "fleet")
 
 
 def main() -> None:

@@ -47,6 +47,16 @@ class _Prepared:
     """Caches the newly tokenized chunks; run after the decision, off the critical path."""
 
 
+FAST_PATH_MAX_CHARS = 64 * 1024
+"""Prompts up to this size are checked for a full hit on the event loop (well under 1 ms)."""
+
+
+def _rough_chars(request: RoutingRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.get("content") or "") for m in request.messages or ())
+
+
 class PromptTooLong(Exception):
     """Over limits.maxPromptTokens: routed by load, the engine judges the prompt itself."""
 
@@ -87,7 +97,10 @@ class Indexer:
             return await self._uncached(request, pod_ids)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        prepared = await self.tokenizers.run(request.model, self._prepare, request, pod_set_hash(pod_ids))
+        set_hash = pod_set_hash(pod_ids)
+        prepared = self._try_hit_here(request, set_hash)
+        if prepared is None:
+            prepared = await self.tokenizers.run(request.model, self._prepare, request, set_hash)
         t1 = time.perf_counter()
         timings["tokenize"] = t1 - t0
         if prepared.mapping is not None:
@@ -121,6 +134,21 @@ class Indexer:
             # Filling the prefix store waits until the decision is made: it is for later requests.
             self.tokenizers.background(self._store, prepared.store)
         return PrefixMatch(matched, len(keys), timings, prepared.outcome)
+
+    def _try_hit_here(self, request: RoutingRequest, set_hash: int) -> _Prepared | None:
+        """A full hit needs no tokenizing: render and hash on the event loop (tens of
+        microseconds for ordinary prompts) and skip the hop to a worker thread."""
+        tokenizer = self.tokenizers.peek(request.model)
+        cache = self.cache
+        if tokenizer is None or cache is None or _rough_chars(request) > FAST_PATH_MAX_CHARS:
+            return None
+        try:
+            text, add_special_tokens = prompt_text(tokenizer, request)
+            _, block_hash = cache.chunk_hashes(text, request.model, add_special_tokens)
+            mapping = cache.get_mapping(block_hash, set_hash)
+        except Exception:  # noqa: BLE001 - the worker path will retry and fall back
+            return None
+        return _Prepared("hit", mapping=mapping, block_hash=block_hash) if mapping is not None else None
 
     def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int) -> _Prepared:
         """On a tokenizer thread: render, look in the cache, tokenize what it lacks."""

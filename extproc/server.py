@@ -16,19 +16,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import betterproto2
 import grpc
-from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ProcessingModeBodySendMode as BodyMode
-from envoy_data_plane.envoy.service.ext_proc.v3 import (
-    HttpBody,
-    HttpHeaders,
-    ProcessingRequest,
-    ProcessingResponse,
-    HeadersResponse,
-    BodyResponse,
-)
+from envoy_data_plane.envoy.service.ext_proc.v3 import BodyResponse, HeadersResponse, ProcessingResponse
 
-from . import requests, responses
+from . import requests, responses, wire
 from .metrics import Metrics
 from .pods import Pod
 from .requests import RequestError
@@ -52,7 +43,7 @@ class ExtProcService:
         self.max_body_bytes = max_body_bytes
         self.max_messages = max_messages
 
-    async def process(self, messages: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext):
+    async def process(self, messages: AsyncIterator, context: grpc.aio.ServicerContext):
         stream = _Stream(self)
         try:
             async for message in messages:
@@ -63,7 +54,7 @@ class ExtProcService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
-            self.process, request_deserializer=ProcessingRequest.parse, response_serializer=bytes
+            self.process, request_deserializer=wire.parse_request, response_serializer=bytes
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": method})
 
@@ -83,14 +74,14 @@ class _Stream:
         self.pod: Pod | None = None
         self.done = False
 
-    async def on_message(self, message: ProcessingRequest) -> list[bytes]:
-        kind, value = betterproto2.which_one_of(message, "request")
+    async def on_message(self, message) -> list[bytes]:
+        kind = message.WhichOneof("request")
         if kind == "request_headers":
-            if message.protocol_config is not None:
-                self.full_duplex = message.protocol_config.request_body_mode == BodyMode.FULL_DUPLEX_STREAMED
-            return self._on_headers(value)
+            if message.HasField("protocol_config"):
+                self.full_duplex = message.protocol_config.request_body_mode == wire.FULL_DUPLEX_STREAMED
+            return self._on_headers(message.request_headers)
         if kind == "request_body":
-            return await self._on_body(value)
+            return await self._on_body(message.request_body)
         if kind == "request_trailers":
             answers = [] if self.done or not self.routed or not self.full_duplex else await self._finish(False)
             return answers + [responses.TRAILERS_CONTINUE]
@@ -100,10 +91,10 @@ class _Stream:
             return [_RESPONSE_BODY_CONTINUE]
         return []
 
-    def _on_headers(self, headers: HttpHeaders) -> list[bytes]:
+    def _on_headers(self, headers) -> list[bytes]:
         path = method = ""
         remove = [self.svc.routing_header]
-        for header in headers.headers.headers if headers.headers else ():
+        for header in headers.headers.headers:
             key = header.key
             if key == ":path":
                 path = _value(header)
@@ -120,7 +111,7 @@ class _Stream:
             return []  # held until the body is complete
         return [responses.headers_continue(self.remove)]
 
-    async def _on_body(self, chunk: HttpBody) -> list[bytes]:
+    async def _on_body(self, chunk) -> list[bytes]:
         if not self.routed or self.done:
             if self.full_duplex:
                 return responses.body_chunks(chunk.body, end_of_stream=chunk.end_of_stream)

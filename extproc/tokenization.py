@@ -108,6 +108,10 @@ class TokenizerManager:
     def loaded(self, model: str) -> bool:
         return model in self._loaded
 
+    def peek(self, model: str) -> Tokenizer | None:
+        """The model's tokenizer if it is already loaded, without loading it."""
+        return self._loaded.get(model)
+
     async def get(self, model: str) -> Tokenizer:
         tokenizer = self._loaded.get(model)
         if tokenizer is not None:
