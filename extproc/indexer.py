@@ -35,6 +35,16 @@ class PrefixMatch:
 
 
 @dataclass(slots=True)
+class _Rendered:
+    """The prompt text vLLM would tokenize and its chunk hashes (last = the whole prompt)."""
+
+    text: str
+    add_special_tokens: bool
+    hashes: list[int]
+    block_hash: int
+
+
+@dataclass(slots=True)
 class _Prepared:
     """What the tokenizer thread hands back to the event loop."""
 
@@ -98,9 +108,9 @@ class Indexer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         set_hash = pod_set_hash(pod_ids)
-        prepared = self._try_hit_here(request, set_hash)
+        prepared, rendered = self._try_hit_here(request, set_hash)
         if prepared is None:
-            prepared = await self.tokenizers.run(request.model, self._prepare, request, set_hash)
+            prepared = await self.tokenizers.run(request.model, self._prepare, request, set_hash, rendered)
         t1 = time.perf_counter()
         timings["tokenize"] = t1 - t0
         if prepared.mapping is not None:
@@ -135,38 +145,46 @@ class Indexer:
             self.tokenizers.background(self._store, prepared.store)
         return PrefixMatch(matched, len(keys), timings, prepared.outcome)
 
-    def _try_hit_here(self, request: RoutingRequest, set_hash: int) -> _Prepared | None:
+    def _try_hit_here(self, request: RoutingRequest, set_hash: int) -> tuple[_Prepared | None, _Rendered | None]:
         """A full hit needs no tokenizing: render and hash on the event loop (tens of
-        microseconds for ordinary prompts) and skip the hop to a worker thread."""
+        microseconds for ordinary prompts) and skip the hop to a worker thread. On a miss the
+        rendering is handed to the worker, not done twice."""
         tokenizer = self.tokenizers.peek(request.model)
-        cache = self.cache
-        if tokenizer is None or cache is None or _rough_chars(request) > FAST_PATH_MAX_CHARS:
-            return None
+        if tokenizer is None or _rough_chars(request) > FAST_PATH_MAX_CHARS:
+            return None, None
         try:
-            text, add_special_tokens = prompt_text(tokenizer, request)
-            _, block_hash = cache.chunk_hashes(text, request.model, add_special_tokens)
-            mapping = cache.get_mapping(block_hash, set_hash)
+            rendered = self._render(tokenizer, request)
+            mapping = self.cache.get_mapping(rendered.block_hash, set_hash)
         except Exception:  # noqa: BLE001 - the worker path will retry and fall back
-            return None
-        return _Prepared("hit", mapping=mapping, block_hash=block_hash) if mapping is not None else None
+            return None, None
+        if mapping is None:
+            return None, rendered
+        return _Prepared("hit", mapping=mapping, block_hash=rendered.block_hash), None
 
-    def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int) -> _Prepared:
-        """On a tokenizer thread: render, look in the cache, tokenize what it lacks."""
+    def _render(self, tokenizer, request: RoutingRequest) -> _Rendered:
         text, add_special_tokens = prompt_text(tokenizer, request)
+        hashes, block_hash = self.cache.chunk_hashes(text, request.model, add_special_tokens)
+        return _Rendered(text, add_special_tokens, hashes, block_hash)
+
+    def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int, rendered: _Rendered | None) -> _Prepared:
+        """On a tokenizer thread: render, look in the cache, tokenize what it lacks."""
         cache = self.cache
         assert cache is not None
         try:
-            hashes, block_hash = cache.chunk_hashes(text, request.model, add_special_tokens)
-            mapping = cache.get_mapping(block_hash, set_hash)
-            if mapping is not None:
-                return _Prepared("hit", mapping=mapping, block_hash=block_hash)
+            if rendered is None:
+                rendered = self._render(tokenizer, request)
+                mapping = cache.get_mapping(rendered.block_hash, set_hash)
+                if mapping is not None:
+                    return _Prepared("hit", mapping=mapping, block_hash=rendered.block_hash)
             tokens, cached, store = cache.tokenize_deferred(
-                tokenizer, text, request.model, add_special_tokens=add_special_tokens, hashes=hashes
+                tokenizer, rendered.text, request.model, add_special_tokens=rendered.add_special_tokens,
+                hashes=rendered.hashes,
             )
             outcome = "partial" if cached.tokens else "miss"
-            return _Prepared(outcome, tokens, None, block_hash, len(cached.tokens), store)
+            return _Prepared(outcome, tokens, None, rendered.block_hash, len(cached.tokens), store)
         except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
             log.exception("prefix cache failed; using the full pipeline")
+            text, add_special_tokens = prompt_text(tokenizer, request)
             return _Prepared("error", encode(tokenizer, text, add_special_tokens=add_special_tokens))
 
     @staticmethod

@@ -212,7 +212,9 @@ class PrefixCache:
         self._chunks: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
         self._chunk_bytes = 0
         self._mappings: OrderedDict[ChunkHash, OrderedDict[int, CachedPodMapping]] = OrderedDict()
-        self._by_key: dict[int, set[ChunkHash]] = {}
+        self._by_key: dict[int, tuple[ChunkHash, ...]] = {}
+        """block key -> prompts whose mapping holds it; tuples of ints, which the garbage
+        collector stops tracking (a set per key made full collections pause for tens of ms)."""
         self._epoch = 0
         self._invalidated_at: OrderedDict[int, int] = OrderedDict()
         self._forgotten_epoch = -1
@@ -374,7 +376,9 @@ class PrefixCache:
                 by_set = self._mappings.setdefault(block_hash, OrderedDict())
             by_set[set_hash] = mapping
             for key in kv_block_keys:
-                self._by_key.setdefault(key, set()).add(block_hash)
+                owners = self._by_key.get(key, ())
+                if block_hash not in owners:
+                    self._by_key[key] = owners + (block_hash,)
             while len(by_set) > self.config.max_pod_sets_per_block:
                 self._drop_mapping(block_hash, next(iter(by_set)))
             while len(self._mappings) > self.config.max_mappings:
@@ -396,9 +400,11 @@ class PrefixCache:
             if key in still:
                 continue
             owners = self._by_key.get(key)
-            if owners is not None:
-                owners.discard(block_hash)
-                if not owners:
+            if owners is not None and block_hash in owners:
+                rest = tuple(h for h in owners if h != block_hash)
+                if rest:
+                    self._by_key[key] = rest
+                else:
                     del self._by_key[key]
 
     def invalidate_pod_mappings_for_keys(self, keys: Iterable[int]) -> int:

@@ -96,6 +96,8 @@ class TokenizerManager:
         self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
         self._background: set = set()
+        self._foreground = 0
+        self._workers = workers
 
     def set_sources(self, sources: dict[str, str]) -> None:
         """Adopt a new model list; tokenizers whose source changed are reloaded lazily."""
@@ -155,13 +157,19 @@ class TokenizerManager:
             raise TokenizerBusy("tokenizer queue is full")
         # The slot is held until the worker finishes, even if the caller gave up waiting,
         # so abandoned encodes still count against the queue bound.
+        self._foreground += 1
         job = self._pool.submit(fn, tokenizer, *args)
-        job.add_done_callback(lambda _: self._slots.release())
+        job.add_done_callback(self._foreground_done)
         return await asyncio.wrap_future(job)
 
+    def _foreground_done(self, _job) -> None:
+        self._foreground -= 1
+        self._slots.release()
+
     def background(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)`` on a worker when one is free within the queue bound; else skip it."""
-        if not self._slots.acquire(blocking=False):
+        """Run ``fn(*args)`` on a spare worker; skipped while requests keep every worker busy,
+        so optional work (filling the prefix store) never slows requests under load."""
+        if self._foreground >= self._workers or not self._slots.acquire(blocking=False):
             return False
         job = self._pool.submit(fn, *args)
         self._background.add(job)
