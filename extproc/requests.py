@@ -55,7 +55,7 @@ def parse(path: str, body: bytes, *, max_messages: int = 1 << 30) -> RoutingRequ
     """Parse a body sent to one of ROUTED_PATHS; raise RequestError for anything invalid."""
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 inside a string too
         raise RequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")

@@ -62,6 +62,7 @@ def test_chat_keeps_tools_and_template_options():
     "path, raw, param",
     [
         ("/v1/completions", b"{not json", None),
+        ("/v1/completions", b'{"model": "\x80", "prompt": "x"}', None),  # invalid UTF-8 (found by the fuzzer)
         ("/v1/completions", b"[1, 2]", None),
         ("/v1/completions", body(prompt="x"), "model"),
         ("/v1/completions", body(model="", prompt="x"), "model"),
