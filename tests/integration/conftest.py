@@ -156,6 +156,16 @@ def stack(workdir, pods, tokenizer_dir, mode="envoy.yaml", **extra):
         server.proc.stop()
 
 
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll until ``predicate()`` is true; fail the test naming ``what`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class LoadLoop:
     """A bounded loop of chat requests through Envoy from a few threads; records every outcome."""
 

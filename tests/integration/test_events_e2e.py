@@ -15,7 +15,7 @@ from extproc import devstack
 from extproc.blocks import block_keys
 from extproc.fakeengine import EngineCache, KVEventPublisher
 from tests.conftest import MODEL
-from tests.integration.conftest import BLOCK_SIZE, KEY_PREFIX, event_fleet, served_by
+from tests.integration.conftest import BLOCK_SIZE, KEY_PREFIX, event_fleet, served_by, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +42,6 @@ def first_block_holders(r: redis.Redis, tokenizer, tenant: int) -> set[str]:
     return {k.decode() for k in r.hkeys(f"{KEY_PREFIX}{MODEL}@{key}")}
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def counter(proc, name: str) -> float:

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     envoy_for,
     event_fleet,
     extproc_config,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,13 +49,6 @@ def metric(proc, name: str) -> float:
     return 0.0
 
 
-def wait_until(predicate, timeout=20.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(workdir, pods, tokenizer,

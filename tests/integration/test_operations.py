@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc import devstack
 from tests.certs import make_pki
 from tests.conftest import MODEL
-from tests.integration.conftest import LoadLoop, envoy_for, extproc_config
+from tests.integration.conftest import LoadLoop, envoy_for, extproc_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +33,6 @@ def health(address: str, credentials: grpc.ChannelCredentials | None = None) -> 
             return exc.code().name
 
 
-def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def with_tls_upstream(conf: dict, pki, *, client_cert: bool) -> dict:
