@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,6 @@ class ExtProc:
     proc: Proc
     config: dict[str, Any]
     config_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def listen(self) -> str:

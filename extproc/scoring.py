@@ -45,12 +45,6 @@ def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before:
     return matched
 
 
-def scores(matched: dict[str, int], total_blocks: int) -> dict[str, float]:
-    if total_blocks == 0:
-        return {}
-    return {pod: 100.0 * count / total_blocks for pod, count in matched.items()}
-
-
 def choose(candidates: Sequence[Pod], matched: dict[str, int], total_blocks: int, pool: PodPool) -> Decision:
     """Best score wins; ties and an all-zero field go to the least loaded pod."""
     best = max((matched.get(pod.id, 0) for pod in candidates), default=0)

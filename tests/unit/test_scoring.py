@@ -2,7 +2,7 @@
 
 from extproc.config import PodConfig
 from extproc.pods import PodPool
-from extproc.scoring import choose, matched_prefix, scores
+from extproc.scoring import choose, matched_prefix
 
 
 def pool(*ids):
@@ -29,8 +29,9 @@ def test_entries_older_than_not_before_do_not_count():
 
 
 def test_score_is_percent_of_prompt_blocks():
-    assert scores({"a": 3, "b": 1}, 4) == {"a": 75.0, "b": 25.0}
-    assert scores({}, 0) == {}
+    p = pool("a", "b")
+    assert choose(p.all(), {"a": 3, "b": 1}, 4, p).score == 75.0
+    assert choose(p.all(), {}, 0, p).score == 0.0
 
 
 def test_longest_prefix_wins():
