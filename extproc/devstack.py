@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,28 +58,39 @@ def bundled_tokenizer_dir() -> str:
 
 @dataclass
 class Proc:
-    """A child process with its log file; ``stop`` always reaps it."""
+    """A child process with its log file; ``stop`` always reaps it (and, for a process group
+    leader, every process it started)."""
 
     name: str
     popen: subprocess.Popen
     log_path: Path
+    group: bool = False
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def _signal(self, sig: int) -> None:
+        try:
+            if self.group:
+                os.killpg(self.popen.pid, sig)
+            else:
+                self.popen.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self, sig_timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
+        if self.popen.poll() is None or self.group:
+            self._signal(signal.SIGTERM)
             try:
                 self.popen.wait(sig_timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+                pass
+            self._signal(signal.SIGKILL)
+            self.popen.wait()
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
+        self._signal(signal.SIGKILL)
+        self.popen.wait()
 
     def log(self) -> str:
         try:
@@ -87,15 +99,16 @@ class Proc:
             return ""
 
 
-def _spawn(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
+def _spawn(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None, *,
+           group: bool = False) -> Proc:
     log_path = workdir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     popen = subprocess.Popen(
         list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})}, cwd=workdir,
+        env={**os.environ, **(env or {})}, cwd=workdir, start_new_session=group,
     )
     log_file.close()
-    return Proc(name, popen, log_path)
+    return Proc(name, popen, log_path, group)
 
 
 @dataclass

@@ -169,7 +169,8 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
 class LoadLoop:
     """A bounded loop of chat requests through Envoy from a few threads; records every outcome."""
 
-    def __init__(self, url: str, *, total: int = 400, threads: int = 4, seconds: float = 60.0, prompt=None):
+    def __init__(self, url: str, *, total: int = 400, threads: int = 4, seconds: float = 60.0, prompt=None,
+                 extra: dict | None = None):
         import threading
 
         self.url = url
@@ -177,8 +178,11 @@ class LoadLoop:
         self.threads = threads
         self.deadline = time.monotonic() + seconds
         self.prompt = prompt or (lambda i: [{"role": "user", "content": f"load {i}"}])
+        self.extra = extra or {}
+        """More body fields, e.g. max_tokens for a real engine."""
         self.results: list[tuple[float, int, str]] = []  # (time, status, served by or error)
         self.chosen: list[tuple[float, str]] = []  # (time, the address kv-extproc chose; "" if none)
+        self.timeline: list[tuple[float, float, int]] = []  # (sent, done, status)
         self._lock = threading.Lock()
         self._next = 0
         self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -193,14 +197,17 @@ class LoadLoop:
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=20) as client:
             while (i := self._take()) is not None:
+                sent = time.monotonic()
                 try:
-                    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": self.prompt(i)})
+                    reply = client.post("/v1/chat/completions",
+                                        json={"model": MODEL, "messages": self.prompt(i), **self.extra})
                     outcome = (time.monotonic(), reply.status_code, reply.headers.get("x-served-by", ""))
                     self.chosen.append((outcome[0], reply.headers.get("x-test-lb-metadata", "")))
                 except httpx.HTTPError as exc:
                     outcome = (time.monotonic(), 0, f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self.results.append(outcome)
+                    self.timeline.append((sent, outcome[0], outcome[1]))
 
     def start(self) -> "LoadLoop":
         for worker in self._workers:

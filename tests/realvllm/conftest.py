@@ -1,0 +1,129 @@
+"""Real vLLM engines on the CPU (a tiny random-weight model with the real Qwen3 tokenizer),
+kv-extproc with its ingester, Redis and the real Envoy. Engines start once per session.
+
+Run ``tests/realvllm/setup.sh`` first (``.ci/run`` does). Without the engine venv the whole
+suite is skipped with one loud line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from extproc import devstack
+from tests.integration.conftest import envoy_for, extproc_config
+
+HOME = Path(os.environ.get("KV_REALVLLM_HOME", Path.home() / ".cache" / "kv-extproc"))
+VENV_PYTHON = HOME / "realvllm-venv" / "bin" / "python"
+MODEL_DIR = HOME / "tiny-model"
+MODEL = "Qwen/Qwen3-0.6B"
+ENGINES = 3
+ENGINE_BLOCK = 32
+
+
+def pytest_collection_modifyitems(config, items):
+    ready = (HOME / "realvllm-venv" / ".complete").exists() and (MODEL_DIR / "config.json").exists()
+    if ready:
+        return
+    message = f"REAL-VLLM SUITE SKIPPED: no engine at {HOME} (run tests/realvllm/setup.sh)"
+    print(f"\n{'!' * 20} {message} {'!' * 20}", file=sys.stderr)
+    for item in items:
+        if "realvllm" in str(item.fspath):
+            item.add_marker(pytest.mark.skip(reason=message))
+
+
+@dataclass
+class Engine:
+    name: str
+    address: str
+    events_port: int
+    proc: devstack.Proc
+
+    @property
+    def pod_id(self) -> str:
+        return self.name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def counter(self, name: str) -> float:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    def post(self, path: str, body: bytes = b"{}") -> int:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status
+
+
+def start_engine(index: int, workdir: Path) -> Engine:
+    host = f"127.0.0.{21 + index}"
+    port, events = devstack.free_port(host), devstack.free_port()
+    kv_events = ('{"enable_kv_cache_events": true, "publisher": "zmq", '
+                 f'"endpoint": "tcp://*:{events}", "topic": "kv-events"}}')
+    argv = [str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+            "--served-model-name", MODEL, "--host", host, "--port", str(port), "--enable-prefix-caching",
+            "--block-size", str(ENGINE_BLOCK), "--max-model-len", "4096", "--kv-events-config", kv_events]
+    # Three engines share two cores: one OpenMP thread each, sleeping (not spinning) when idle.
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = devstack._spawn(f"vllm-{index}", argv, workdir, env=env, group=True)
+    return Engine(f"engine-{index}", f"{host}:{port}", events, proc)
+
+
+def wait_healthy(engine: Engine, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if not engine.proc.alive():
+            raise RuntimeError(f"{engine.name} exited: {engine.proc.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{engine.url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{engine.name} not healthy: {engine.proc.log()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    return devstack.workdir("kv-extproc-realvllm-")
+
+
+@pytest.fixture(scope="session")
+def engines(workdir):
+    started = [start_engine(i, workdir) for i in range(ENGINES)]
+    try:
+        deadline = time.monotonic() + 420
+        for engine in started:
+            wait_healthy(engine, deadline)
+        yield {e.name: e for e in started}
+    finally:
+        for engine in started:
+            engine.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(workdir, engines, tokenizer_dir):
+    server = devstack.start_redis(workdir)
+    conf = extproc_config(server.url, engines, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": ENGINE_BLOCK},
+                          podHealth={"interval": "500ms", "timeout": "2s", "unhealthyAfter": "1.5s", "purgeAfter": "3s"})
+    conf["pods"] = [{"id": e.name, "address": e.address, "models": [MODEL], "kvEvents": f"tcp://127.0.0.1:{e.events_port}"}
+                    for e in engines.values()]
+    proc = devstack.start_extproc(conf, workdir)
+    proxy = envoy_for("envoy.yaml", [proc.listen], engines, workdir)
+    try:
+        yield server, proc, proxy
+    finally:
+        proxy.proc.stop()
+        proc.proc.stop()
+        server.proc.stop()
