@@ -118,7 +118,7 @@ class Ingester:
         task = self._pod_tasks.pop(pod, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([task], timeout=5)  # shutdown must never hang on one feed
         sock = self._sockets.pop(pod, None)
         if sock is not None:
             sock.close(linger=0)
@@ -146,7 +146,8 @@ class Ingester:
             await self._stop_feed(pod)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
         for sock in self._sockets.values():
             sock.close(linger=0)
@@ -181,6 +182,7 @@ class Ingester:
                 await self.process(feed, batch)
         finally:
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)  # its cleanup needs the socket open
 
     async def _watch_connection(self, sock: zmq.asyncio.Socket, feed: Feed) -> None:
         """Notice a publisher that went away and came back (a restarted engine, usually)."""
@@ -198,7 +200,10 @@ class Ingester:
                     feed.reconnected = True
                     log.info("pod %s: KV event publisher reconnected", feed.pod)
         finally:
-            sock.disable_monitor()
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
             monitor.close(linger=0)
 
     async def _listen_central(self, endpoint: str) -> None:
