@@ -53,6 +53,8 @@ def headers_continue(remove: tuple[str, ...]) -> bytes:
 
 BODY_CONTINUE = bytes(ProcessingResponse(request_body=BodyResponse(response=CommonResponse())))
 TRAILERS_CONTINUE = bytes(ProcessingResponse(request_trailers=TrailersResponse()))
+RESPONSE_HEADERS_CONTINUE = bytes(ProcessingResponse(response_headers=HeadersResponse()))
+RESPONSE_BODY_CONTINUE = bytes(ProcessingResponse(response_body=BodyResponse()))
 
 
 @lru_cache(maxsize=4096)

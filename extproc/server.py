@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy_data_plane.envoy.service.ext_proc.v3 import BodyResponse, HeadersResponse, ProcessingResponse
 
 from . import requests, responses, wire
 from .metrics import Metrics
@@ -29,9 +28,6 @@ log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 CLIENT_HEADER_PREFIX = "x-kv-"
-
-_RESPONSE_HEADERS_CONTINUE = bytes(ProcessingResponse(response_headers=HeadersResponse()))
-_RESPONSE_BODY_CONTINUE = bytes(ProcessingResponse(response_body=BodyResponse()))
 
 
 class ExtProcService:
@@ -86,9 +82,9 @@ class _Stream:
             answers = [] if self.done or not self.routed or not self.full_duplex else await self._finish(False)
             return answers + [responses.TRAILERS_CONTINUE]
         if kind == "response_headers":
-            return [_RESPONSE_HEADERS_CONTINUE]
+            return [responses.RESPONSE_HEADERS_CONTINUE]
         if kind == "response_body":
-            return [_RESPONSE_BODY_CONTINUE]
+            return [responses.RESPONSE_BODY_CONTINUE]
         return []
 
     def _on_headers(self, headers) -> list[bytes]:

@@ -393,9 +393,6 @@ class Ingester:
     # -- dropping a pod --------------------------------------------------------------
 
     async def purge(self, pod: str, reason: str) -> None:
-        feed = self.feeds.get(pod)
-        if feed is not None:
-            feed.tracker.clear()
         dropped = await self._purge_quietly(pod, reason)
         log.info("pod %s: dropped %d index entries (%s)", pod, dropped, reason)
 
