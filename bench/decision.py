@@ -12,7 +12,8 @@ import time
 
 import uvloop
 
-from extproc import devstack, responses
+from extproc import responses
+from extproc.sim import launcher
 from extproc.blocks import block_keys
 from extproc.config import IndexConfig, PodConfig
 from extproc.index.memory import MemoryIndex
@@ -43,10 +44,10 @@ async def _measure(router: Router, body: bytes, rounds: int) -> list[float]:
 
 
 async def run_async(rounds: int = ROUNDS) -> dict:
-    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
-    workdir = devstack.workdir("kv-extproc-bench-")
-    redis_server = devstack.start_redis(workdir)
+    workdir = launcher.workdir("kv-extproc-bench-")
+    redis_server = launcher.start_redis(workdir)
     pods = [PodConfig(id=f"pod-{i}", address=f"10.0.0.{i + 1}:8000") for i in range(8)]
     results: dict = {"model": MODEL, "rounds": rounds, "block_size": 128, "rows": []}
     try:

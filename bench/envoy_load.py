@@ -25,7 +25,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from extproc import devstack, responses
+from extproc import responses
+from extproc.sim import launcher
 from extproc.server import SERVICE_NAME
 from extproc.tokenization import load_tokenizer
 
@@ -147,31 +148,31 @@ def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path) -
 def run(sizes: tuple[int, ...] = (500, 2000, 8000), variants: tuple[str, ...] = ("envoy", "noop", "hit", "miss", "nocache", "memory"),
         name: str = "envoy_load") -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="kv-extproc-load-"))
-    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
-    ports = [devstack.free_port(h) for h in BACKENDS]
-    backend = devstack.start_envoy(backend_config(ports, devstack.free_port()), workdir)
+    ports = [launcher.free_port(h) for h in BACKENDS]
+    backend = launcher.start_envoy(backend_config(ports, launcher.free_port()), workdir)
     pods = [{"id": f"pod-{i}", "address": f"{h}:{p}"} for i, (h, p) in enumerate(zip(BACKENDS, ports))]
-    redis_server = devstack.start_redis(workdir)
+    redis_server = launcher.start_redis(workdir)
     started: list = [backend, redis_server]
     results: dict = {"duration_s": DURATION, "rows": []}
     try:
         def extproc(**extra):
             conf = {"index": {"backend": "redis", "redisUrl": redis_server.url}, "logLevel": "warning",
                     "models": [{"name": MODEL, "tokenizer": tokenizer_dir}], "pods": pods, **extra}
-            proc = devstack.start_extproc(conf, workdir)
+            proc = launcher.start_extproc(conf, workdir)
             started.append(proc)
             return proc.listen
 
         def proxy(conf_fn, listen_ext):
-            conf = devstack.render_envoy("envoy.yaml", listen=f"127.0.0.1:{devstack.free_port()}",
-                                         admin=f"127.0.0.1:{devstack.free_port()}", extproc=[listen_ext],
+            conf = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
+                                         admin=f"127.0.0.1:{launcher.free_port()}", extproc=[listen_ext],
                                          pods=[p["address"] for p in pods])
-            envoy = devstack.start_envoy(conf_fn(conf), workdir)
+            envoy = launcher.start_envoy(conf_fn(conf), workdir)
             started.append(envoy)
             return envoy.url
 
-        noop_port = devstack.free_port()
+        noop_port = launcher.free_port()
         NoopExtProc(noop_port).start()
         urls = {}
         if "envoy" in variants:

@@ -29,7 +29,7 @@ import uvloop
 from extproc import config as config_mod
 from extproc.config import PodConfig
 from extproc.events.ingest import Ingester
-from extproc.fakeengine import EngineCache, KVEventPublisher
+from extproc.sim.engine import EngineCache, KVEventPublisher
 from extproc.index.memory import MemoryIndex
 from extproc.indexer import Indexer
 from extproc.metrics import Metrics
@@ -221,9 +221,9 @@ def capacity(tokens: list[list[int]]) -> float:
 
 
 async def run_async() -> dict:
-    from extproc import devstack
+    from extproc.sim import launcher
 
-    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
     rows = []
     for name in ("tenants", "conversations", "skewed", "unshared"):

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 import uvloop
 
 from extproc import config as config_mod
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.blocks import block_keys
 from extproc.events.ingest import Ingester
-from extproc.fakeengine import EngineCache, KVEventPublisher
+from extproc.sim.engine import EngineCache, KVEventPublisher
 from extproc.index.redis import RedisIndex
 from extproc.metrics import Metrics
 
@@ -53,7 +53,7 @@ _BLASTER = textwrap.dedent("""
 
 
 async def _throughput(redis_url: str, per_event: int, batches: int) -> dict:
-    endpoint = f"tcp://127.0.0.1:{devstack.free_port()}"
+    endpoint = f"tcp://127.0.0.1:{launcher.free_port()}"
     warm = subprocess.Popen([sys.executable, "-c", _BLASTER, endpoint, str(batches), str(per_event)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert warm.stdout.readline().strip() == "ready"
@@ -121,8 +121,8 @@ async def _delay(redis_url: str) -> dict:
 
 
 async def run_async() -> dict:
-    workdir = devstack.workdir("kv-extproc-bench-")
-    server = devstack.start_redis(workdir)
+    workdir = launcher.workdir("kv-extproc-bench-")
+    server = launcher.start_redis(workdir)
     try:
         throughput = [await _throughput(server.url, per_event, batches) for per_event, batches in SHAPES]
         delay = await _delay(server.url)

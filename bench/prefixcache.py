@@ -10,7 +10,7 @@ import time
 
 import uvloop
 
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.config import IndexConfig, PodConfig
 from extproc.index import Writes
 from extproc.index.redis import RedisIndex
@@ -49,10 +49,10 @@ async def _timed(router: Router, req: RoutingRequest) -> float:
 
 
 async def run_async() -> dict:
-    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
-    workdir = devstack.workdir("kv-extproc-bench-")
-    server = devstack.start_redis(workdir)
+    workdir = launcher.workdir("kv-extproc-bench-")
+    server = launcher.start_redis(workdir)
     index = RedisIndex.from_config(IndexConfig(backend="redis", redis_url=server.url, timeout=1.0))
     tokenizers = TokenizerManager({MODEL: tokenizer_dir}, workers=2)
     await tokenizers.get(MODEL)

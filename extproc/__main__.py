@@ -277,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "simulate-pod":
-        from .fakepod import run_simulated
+        from .sim.pod import run_simulated
 
         run_simulated(args.id, args.listen, kv_events=args.kv_events, tokenizer=args.tokenizer, model=args.model)
         return 0
     if args.command == "quickstart":
-        from .quickstart import run
+        from .sim.quickstart import run
 
         return run(port=args.port, stay_up=not args.exit_after_demo)
     try:

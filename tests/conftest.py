@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.tokenization import load_tokenizer
 
 MODEL = "Qwen/Qwen3-0.6B"
@@ -12,7 +12,7 @@ MODEL = "Qwen/Qwen3-0.6B"
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
-    return devstack.bundled_tokenizer_dir()
+    return launcher.bundled_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ import openai
 import pytest
 import redis
 
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.blocks import block_keys
-from extproc.fakepod import FakePod
+from extproc.sim.pod import SimulatedPod
 from tests.conftest import MODEL
 
 BLOCK_SIZE = 64
@@ -29,28 +29,28 @@ MODES = ["envoy.yaml", "envoy-full-duplex.yaml"]
 
 @pytest.fixture(scope="session")
 def workdir():
-    return devstack.workdir("kv-extproc-it-")
+    return launcher.workdir("kv-extproc-it-")
 
 
 @pytest.fixture(scope="session")
 def redis_server(workdir):
-    server = devstack.start_redis(workdir)
+    server = launcher.start_redis(workdir)
     yield server
     server.proc.stop()
 
 
 @pytest.fixture(scope="session")
-def pods() -> Iterator[dict[str, FakePod]]:
+def pods() -> Iterator[dict[str, SimulatedPod]]:
     started = {}
     for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
         host = f"127.0.0.{n + 2}"
-        started[name] = FakePod(name, host, devstack.free_port(host), model=MODEL).start()
+        started[name] = SimulatedPod(name, host, launcher.free_port(host), model=MODEL).start()
     yield started
     for pod in started.values():
         pod.stop()
 
 
-def extproc_config(redis_url: str, pods: dict[str, FakePod], tokenizer_dir: str, **extra) -> dict:
+def extproc_config(redis_url: str, pods: dict[str, SimulatedPod], tokenizer_dir: str, **extra) -> dict:
     return {
         "index": {"backend": "redis", "redisUrl": redis_url, "keyPrefix": KEY_PREFIX, "timeout": "100ms"},
         "blockSizeToHash": BLOCK_SIZE,
@@ -66,16 +66,16 @@ def extproc_config(redis_url: str, pods: dict[str, FakePod], tokenizer_dir: str,
 
 @pytest.fixture(scope="session")
 def extproc(workdir, redis_server, pods, tokenizer_dir):
-    proc = devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
+    proc = launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
     yield proc
     proc.proc.stop()
 
 
-def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, FakePod], workdir) -> devstack.Envoy:
-    conf = devstack.render_envoy(
+def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, SimulatedPod], workdir) -> launcher.Envoy:
+    conf = launcher.render_envoy(
         mode,
-        listen=f"127.0.0.1:{devstack.free_port()}",
-        admin=f"127.0.0.1:{devstack.free_port()}",
+        listen=f"127.0.0.1:{launcher.free_port()}",
+        admin=f"127.0.0.1:{launcher.free_port()}",
         extproc=extproc_listen,
         pods=[pod.address for pod in pods.values()],
     )
@@ -85,7 +85,7 @@ def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, FakePod], wo
         "header": {"key": "x-test-lb-metadata",
                    "value": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"},
     }]
-    return devstack.start_envoy(conf, workdir)
+    return launcher.start_envoy(conf, workdir)
 
 
 @pytest.fixture(scope="session", params=MODES, ids=["buffered", "full-duplex"])
@@ -146,8 +146,8 @@ def served_by(completion) -> str:
 @contextlib.contextmanager
 def stack(workdir, pods, tokenizer_dir, mode="envoy.yaml", **extra):
     """A private redis + kv-extproc + envoy, for tests that break one of them."""
-    server = devstack.start_redis(workdir)
-    proc = devstack.start_extproc(extproc_config(server.url, pods, tokenizer_dir, **extra), workdir)
+    server = launcher.start_redis(workdir)
+    proc = launcher.start_extproc(extproc_config(server.url, pods, tokenizer_dir, **extra), workdir)
     proxy = envoy_for(mode, [proc.listen], pods, workdir)
     try:
         yield server, proc, proxy
@@ -234,11 +234,11 @@ def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300
                 mode: str = "envoy.yaml", **extra):
     """Redis + three fake pods that keep a prefix cache and publish KV events + kv-extproc
     ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy)."""
-    from extproc.fakeengine import EngineCache, KVEventPublisher, SimulatedEngine
+    from extproc.sim.engine import EngineCache, KVEventPublisher, SimulatedEngine
     from extproc.requests import parse
     from extproc.tokenization import tokenize_with
 
-    server = devstack.start_redis(workdir)
+    server = launcher.start_redis(workdir)
     pods = {}
     for n, name in enumerate(["pod-a", "pod-b", "pod-c"]):
         host = f"127.0.0.{n + hosts_from}"
@@ -247,11 +247,11 @@ def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300
             EngineCache(capacity_blocks=capacity_blocks, block_size=16),
             KVEventPublisher(f"tcp://{host}:*"),
         )
-        pods[name] = FakePod(name, host, devstack.free_port(host), model=MODEL, engine=engine).start()
+        pods[name] = SimulatedPod(name, host, launcher.free_port(host), model=MODEL, engine=engine).start()
     conf = extproc_config(server.url, pods, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": 16}, **extra)
     for pod_conf in conf["pods"]:
         pod_conf["kvEvents"] = pods[pod_conf["id"]].engine.publisher.endpoint
-    proc = devstack.start_extproc(conf, workdir)
+    proc = launcher.start_extproc(conf, workdir)
     proxy = envoy_for(mode, [proc.listen], pods, workdir)
     try:
         yield server, pods, proc, proxy

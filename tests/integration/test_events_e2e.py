@@ -11,9 +11,9 @@ import openai
 import pytest
 import redis
 
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.blocks import block_keys
-from extproc.fakeengine import EngineCache, KVEventPublisher
+from extproc.sim.engine import EngineCache, KVEventPublisher
 from tests.conftest import MODEL
 from tests.integration.conftest import BLOCK_SIZE, KEY_PREFIX, event_fleet, served_by, wait_until
 
@@ -97,7 +97,7 @@ def test_two_ingest_processes_side_by_side_keep_one_true_index(workdir, tokenize
         "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
         "pods": [{"id": "pod-a", "address": "127.0.0.9:8000", "kvEvents": publisher.endpoint}],
     }
-    ingesters = [devstack.start_extproc(conf, workdir, command="ingest") for _ in range(2)]
+    ingesters = [launcher.start_extproc(conf, workdir, command="ingest") for _ in range(2)]
     try:
         engine = EngineCache(block_size=16)
         tokens = list(tokenizer.apply_chat_template(messages(3, "q"), tokenize=True, add_generation_prompt=True)["input_ids"])

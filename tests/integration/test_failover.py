@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.blocks import block_keys
 from tests.conftest import MODEL
 from tests.integration.conftest import (
@@ -55,7 +55,7 @@ def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(w
                                                                               tokenizer_dir, redis_server, index):
     store_tenant(index, tokenizer, "pod-b")
     conf = extproc_config(redis_server.url, pods, tokenizer_dir)
-    proc = devstack.start_extproc(conf, workdir)
+    proc = launcher.start_extproc(conf, workdir)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
     try:
         loop = LoadLoop(proxy.url, total=300, threads=4, prompt=tenant_messages).start()
@@ -66,7 +66,7 @@ def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(w
         served = collections.Counter(s for _, _, s in loop.results)
         assert served["pod-b"] >= 60 and len(served) > 1, "by cache before the kill, by Envoy's pool after"
 
-        back = devstack.start_extproc({**conf, "listen": proc.listen, "metricsListen": proc.config["metricsListen"]},
+        back = launcher.start_extproc({**conf, "listen": proc.listen, "metricsListen": proc.config["metricsListen"]},
                                       workdir)
         try:
             time.sleep(1.5)  # Envoy's health check (1 s interval) sees the replica again
@@ -85,7 +85,7 @@ def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(w
 def test_full_duplex_mode_does_not_fail_open_on_this_envoy(workdir, pods, tokenizer_dir, redis_server):
     """Envoy 1.40 ignores failure_mode_allow once a full-duplex body is in flight (GAIE #1266):
     this is why BUFFERED is the default. If this starts failing, Envoy fixed it: update the README."""
-    proc = devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
+    proc = launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
     proxy = envoy_for("envoy-full-duplex.yaml", [proc.listen], pods, workdir)
     try:
         loop = LoadLoop(proxy.url, total=200, threads=4).start()
@@ -101,7 +101,7 @@ def test_full_duplex_mode_does_not_fail_open_on_this_envoy(workdir, pods, tokeni
 
 def test_a_spoofed_routing_header_with_kv_extproc_down_does_not_pick_the_upstream(workdir, pods, tokenizer_dir,
                                                                                  redis_server):
-    proc = devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
+    proc = launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
     try:
         proc.proc.kill()
@@ -120,7 +120,7 @@ def test_a_spoofed_routing_header_with_kv_extproc_down_does_not_pick_the_upstrea
 def test_one_of_two_replicas_killed_under_load_loses_no_request(workdir, pods, tokenizer, tokenizer_dir,
                                                                redis_server, index):
     store_tenant(index, tokenizer, "pod-a")
-    replicas = [devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir, shutdownDelay="1.5s"),
+    replicas = [launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir, shutdownDelay="1.5s"),
                                        workdir) for _ in range(2)]
     proxy = envoy_for("envoy.yaml", [r.listen for r in replicas], pods, workdir)
     try:

@@ -14,10 +14,10 @@ import pytest
 import zmq
 
 from extproc import config as config_mod
-from extproc import devstack
+from extproc.sim import launcher
 from extproc.blocks import block_keys
 from extproc.events.ingest import Ingester
-from extproc.fakeengine import EngineCache, KVEventPublisher, removed_event
+from extproc.sim.engine import EngineCache, KVEventPublisher, removed_event
 from extproc.index.redis import RedisIndex
 from extproc.metrics import Metrics
 from extproc.scoring import matched_prefix
@@ -228,7 +228,7 @@ async def test_an_engine_restart_drops_its_old_entries_first(h, tokenizer):
 
 
 async def test_central_mode_takes_pod_and_model_from_the_topic(h, tokenizer):
-    port = devstack.free_port()
+    port = launcher.free_port()
     conf = make_config(h.redis_url, [], bind=f"tcp://127.0.0.1:{port}")
     ing = await h.ingester(conf)
     pub = h.publisher(endpoint=f"tcp://127.0.0.1:{port}", topic=f"kv@pod-x@{MODEL}")

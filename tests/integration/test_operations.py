@@ -14,8 +14,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import devstack
-from tests.certs import make_pki
+from extproc.sim import launcher
+from tests.harness.certs import make_pki
 from tests.conftest import MODEL
 from tests.integration.conftest import LoadLoop, envoy_for, extproc_config, wait_until
 
@@ -55,7 +55,7 @@ def test_envoy_reaches_kv_extproc_over_tls_and_mtls(mutual, workdir, pods, token
     if mutual:
         tls["clientCaFile"] = str(pki.ca)
     conf = extproc_config(redis_server.url, pods, tokenizer_dir, tls=tls)
-    proc = devstack.start_extproc(conf, workdir, wait_ready=False)
+    proc = launcher.start_extproc(conf, workdir, wait_ready=False)
     try:
         with_cert = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
                                                  pki.client_cert.read_bytes())
@@ -65,10 +65,10 @@ def test_envoy_reaches_kv_extproc_over_tls_and_mtls(mutual, workdir, pods, token
             no_cert = grpc.ssl_channel_credentials(pki.ca.read_bytes())
             assert health(proc.listen, no_cert) == "UNAVAILABLE", "a client without a certificate is refused"
 
-        rendered = devstack.render_envoy("envoy.yaml", listen=f"127.0.0.1:{devstack.free_port()}",
-                                         admin=f"127.0.0.1:{devstack.free_port()}", extproc=[proc.listen],
+        rendered = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
+                                         admin=f"127.0.0.1:{launcher.free_port()}", extproc=[proc.listen],
                                          pods=[p.address for p in pods.values()])
-        proxy = devstack.start_envoy(with_tls_upstream(rendered, pki, client_cert=mutual), workdir)
+        proxy = launcher.start_envoy(with_tls_upstream(rendered, pki, client_cert=mutual), workdir)
         try:
             with httpx.Client(base_url=proxy.url, timeout=20) as client:
                 replies = [client.post("/v1/completions", json={"model": MODEL, "prompt": f"tls {i}"}) for i in range(6)]
@@ -82,13 +82,13 @@ def test_envoy_reaches_kv_extproc_over_tls_and_mtls(mutual, workdir, pods, token
 
 
 def test_redis_with_a_password_works_and_a_wrong_one_stops_start_up(workdir, pods, tokenizer_dir, tmp_path):
-    server = devstack.start_redis(workdir, password="s3cret-pass")
+    server = launcher.start_redis(workdir, password="s3cret-pass")
     try:
         secret = tmp_path / "redis-password"
         secret.write_text("s3cret-pass\n")
         conf = extproc_config(f"redis://127.0.0.1:{server.port}/0", pods, tokenizer_dir)
         conf["index"]["passwordFile"] = str(secret)
-        proc = devstack.start_extproc(conf, workdir)  # SERVING requires the index to answer
+        proc = launcher.start_extproc(conf, workdir)  # SERVING requires the index to answer
         try:
             r = redis.Redis(port=server.port, password="s3cret-pass")
             r.hset(f"matrix:kv:block:{MODEL}@123", "pod-a", "1")
@@ -97,13 +97,12 @@ def test_redis_with_a_password_works_and_a_wrong_one_stops_start_up(workdir, pod
         finally:
             proc.proc.stop()
         secret.write_text("wrong")
-        conf["listen"] = f"127.0.0.1:{devstack.free_port()}"
-        conf["metricsListen"] = f"127.0.0.1:{devstack.free_port()}"
+        conf["listen"] = f"127.0.0.1:{launcher.free_port()}"
+        conf["metricsListen"] = f"127.0.0.1:{launcher.free_port()}"
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(conf))
         result = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(path)],
-                                capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(devstack.REPO_ROOT),
-                                                                               "PATH": "/usr/bin:/bin"})
+                                capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
         assert result.returncode == 2
         assert "rejected the credentials" in result.stderr and "127.0.0.1" in result.stderr
         assert "wrong" not in result.stderr and "s3cret" not in result.stderr, "secrets never appear in output"
@@ -112,9 +111,9 @@ def test_redis_with_a_password_works_and_a_wrong_one_stops_start_up(workdir, pod
 
 
 def test_readiness_follows_the_index_only_when_configured(workdir, pods, tokenizer_dir):
-    server = devstack.start_redis(workdir)
+    server = launcher.start_redis(workdir)
     conf = extproc_config(server.url, pods, tokenizer_dir, health={"requireIndex": True, "checkInterval": "200ms"})
-    proc = devstack.start_extproc(conf, workdir)
+    proc = launcher.start_extproc(conf, workdir)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
     try:
         assert health(proc.listen) == health_pb2.HealthCheckResponse.SERVING
@@ -123,7 +122,7 @@ def test_readiness_follows_the_index_only_when_configured(workdir, pods, tokeniz
         with httpx.Client(base_url=proxy.url, timeout=20) as client:  # routing goes on, by load
             assert all(client.post("/v1/completions", json={"model": MODEL, "prompt": f"p{i}"}).status_code == 200
                        for i in range(4))
-        restarted = devstack.start_redis(workdir, port=server.port)
+        restarted = launcher.start_redis(workdir, port=server.port)
         try:
             wait_until(lambda: health(proc.listen) == health_pb2.HealthCheckResponse.SERVING, what="SERVING again")
         finally:
@@ -137,7 +136,7 @@ def test_readiness_follows_the_index_only_when_configured(workdir, pods, tokeniz
 def test_not_serving_until_tokenizers_are_loaded(workdir, pods, redis_server, tokenizer_dir, tmp_path):
     conf = extproc_config(redis_server.url, pods, tokenizer_dir)
     conf["models"] = [{"name": MODEL, "tokenizer": str(tmp_path / "missing")}]
-    proc = devstack.start_extproc(conf, workdir, wait_ready=False)
+    proc = launcher.start_extproc(conf, workdir, wait_ready=False)
     try:
         time.sleep(1.0)
         assert health(proc.listen) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -147,7 +146,7 @@ def test_not_serving_until_tokenizers_are_loaded(workdir, pods, redis_server, to
 
 def test_pods_change_by_reload_under_load_without_a_failed_request(workdir, pods, tokenizer_dir, redis_server, tmp_path):
     conf = extproc_config(redis_server.url, pods, tokenizer_dir, reloadInterval="0s")
-    proc = devstack.start_extproc(conf, workdir)
+    proc = launcher.start_extproc(conf, workdir)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
 
     def pods_metric() -> float:
@@ -186,7 +185,7 @@ def test_pods_change_by_reload_under_load_without_a_failed_request(workdir, pods
 
 
 def test_sigterm_during_a_load_loop_loses_no_request(workdir, pods, tokenizer_dir, redis_server):
-    proc = devstack.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
+    proc = launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
     try:
         loop = LoadLoop(proxy.url, total=400, threads=4).start()
@@ -202,7 +201,7 @@ def test_sigterm_during_a_load_loop_loses_no_request(workdir, pods, tokenizer_di
 
 
 def test_a_redis_acl_user_with_its_password_from_the_environment(workdir, pods, tokenizer_dir, monkeypatch):
-    server = devstack.start_redis(workdir, password="admin-pass")
+    server = launcher.start_redis(workdir, password="admin-pass")
     try:
         admin = redis.Redis(port=server.port, password="admin-pass")
         admin.execute_command("ACL", "SETUSER", "router", "on", ">router-pass", "~*", "&*", "+@all")
@@ -210,7 +209,7 @@ def test_a_redis_acl_user_with_its_password_from_the_environment(workdir, pods, 
         conf = extproc_config(f"redis://127.0.0.1:{server.port}/0", pods, tokenizer_dir)
         conf["index"].update(username="router", passwordEnv="KV_TEST_REDIS_PASSWORD")
         monkeypatch.setenv("KV_TEST_REDIS_PASSWORD", "router-pass")
-        proc = devstack.start_extproc(conf, workdir)  # SERVING only once the index answered
+        proc = launcher.start_extproc(conf, workdir)  # SERVING only once the index answered
         try:
             assert health(proc.listen) == health_pb2.HealthCheckResponse.SERVING
             assert "router-pass" not in proc.proc.log()
@@ -222,7 +221,7 @@ def test_a_redis_acl_user_with_its_password_from_the_environment(workdir, pods, 
 
 def test_the_config_file_is_reloaded_when_it_changes(workdir, pods, tokenizer_dir, redis_server):
     conf = extproc_config(redis_server.url, pods, tokenizer_dir, reloadInterval="200ms")
-    proc = devstack.start_extproc(conf, workdir)
+    proc = launcher.start_extproc(conf, workdir)
     try:
         time.sleep(0.05)
         proc.config_path.write_text(json.dumps({**proc.config, "pods": conf["pods"][:1]}))

@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from extproc import devstack
+from extproc.sim import launcher
 from tests.conftest import MODEL
-from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack
+from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -209,23 +209,26 @@ def test_a_redis_slower_than_the_index_timeout_does_not_hold_requests(workdir, p
 
 
 def test_a_missing_tokenizer_does_not_lose_requests(workdir, pods, tokenizer_dir, tmp_path):
-    server = devstack.start_redis(workdir)
+    server = launcher.start_redis(workdir)
     from tests.integration.conftest import envoy_for, extproc_config
 
     conf = extproc_config(server.url, pods, tokenizer_dir)
     conf["models"] = [{"name": MODEL, "tokenizer": str(tmp_path / "no-such-tokenizer")}]
-    proc = devstack.start_extproc(conf, workdir, wait_ready=False)
+    proc = launcher.start_extproc(conf, workdir, wait_ready=False)
     proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
     try:
         with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
+            # While the load is being tried (importing transformers takes seconds), requests
+            # wait up to decisionTimeout and go by load (reason "timeout").
+            early = served_by(client.chat.completions.create(model=MODEL, messages=chat("s", "q")))
+            wait_until(lambda: "cannot load tokenizer" in proc.proc.log(), 30, "the tokenizer load to fail")
+            before = _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="tokenizer"}')
+            # Once it has failed, requests fall back at once, for the tokenizer.
             served = [served_by(client.chat.completions.create(model=MODEL, messages=chat("s", f"q{i}"))) for i in range(3)]
-        assert set(served) <= set(pods)
+        assert set(served + [early]) <= set(pods)
         metrics = proc.metrics()
-        assert _counter(metrics, 'kv_extproc_requests_total{outcome="fallback"}') == 3
-        # The first may give up waiting on the load attempt (reason "timeout"); once it has
-        # failed, requests fall back at once for the tokenizer.
-        assert _counter(metrics, 'kv_extproc_fallbacks_total{reason="tokenizer"}') >= 1
-        assert "cannot load tokenizer" in proc.proc.log()
+        assert _counter(metrics, 'kv_extproc_requests_total{outcome="fallback"}') == 4
+        assert _counter(metrics, 'kv_extproc_fallbacks_total{reason="tokenizer"}') == before + 3
     finally:
         proxy.proc.stop()
         proc.proc.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc import devstack
+from extproc.sim import launcher
 from tests.integration.conftest import stack as integration_stack
 
 HOME = Path(os.environ.get("KV_REALVLLM_HOME", Path.home() / ".cache" / "kv-extproc"))
@@ -43,7 +43,7 @@ class Engine:
     name: str
     address: str
     events_port: int
-    proc: devstack.Proc
+    proc: launcher.Proc
 
     @property
     def pod_id(self) -> str:
@@ -71,7 +71,7 @@ class Engine:
 
 def start_engine(index: int, workdir: Path) -> Engine:
     host = f"127.0.0.{21 + index}"
-    port, events = devstack.free_port(host), devstack.free_port()
+    port, events = launcher.free_port(host), launcher.free_port()
     kv_events = ('{"enable_kv_cache_events": true, "publisher": "zmq", '
                  f'"endpoint": "tcp://*:{events}", "topic": "kv-events"}}')
     argv = [str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
@@ -80,13 +80,13 @@ def start_engine(index: int, workdir: Path) -> Engine:
     # Three engines share two cores: one OpenMP thread each, sleeping (not spinning) when idle.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = devstack._spawn(f"vllm-{index}", argv, workdir, env=env, group=True)
+    proc = launcher._spawn(f"vllm-{index}", argv, workdir, env=env, group=True)
     return Engine(f"engine-{index}", f"{host}:{port}", events, proc)
 
 
 @pytest.fixture(scope="session")
 def workdir():
-    return devstack.workdir("kv-extproc-realvllm-")
+    return launcher.workdir("kv-extproc-realvllm-")
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +95,7 @@ def engines(workdir):
     try:
         deadline = time.monotonic() + 420  # they start together; ~60 s each alone
         for engine in started:
-            devstack.wait_http(f"{engine.url}/health", timeout=max(1.0, deadline - time.monotonic()),
+            launcher.wait_http(f"{engine.url}/health", timeout=max(1.0, deadline - time.monotonic()),
                                proc=engine.proc, interval=1.0)
         yield {e.name: e for e in started}
     finally:

@@ -16,6 +16,6 @@ if [ ! -f "$VENV/.complete" ]; then
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
   touch "$VENV/.complete"
 fi
-TOKENIZER="$(python3 -c 'from extproc.devstack import bundled_tokenizer_dir; print(bundled_tokenizer_dir())')"
+TOKENIZER="$(python3 -c 'from extproc.sim.launcher import bundled_tokenizer_dir; print(bundled_tokenizer_dir())')"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" "$(dirname "$0")/make_model.py" "$MODEL" "$TOKENIZER"
 echo "realvllm: engine venv $VENV, model $MODEL"

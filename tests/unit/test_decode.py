@@ -14,7 +14,7 @@ from extproc.events.decode import (
     decode_payload,
     decode_replay,
 )
-from tests import vllm_events as v
+from tests.harness import vllm_events as v
 
 BIG = 2**64 - 5  # above 2**63: must stay unsigned
 TOKENS = list(range(32))

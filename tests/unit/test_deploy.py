@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from extproc import config as config_mod
-from extproc.devstack import REPO_ROOT
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = sorted((REPO_ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 COMPOSE_DIR = REPO_ROOT / "deploy" / "compose"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -117,6 +117,18 @@ def test_the_compose_file_is_consistent_and_its_configs_load(tmp_path):
     envoy_validates((COMPOSE_DIR / "envoy.yaml").read_text(), tmp_path)
 
 
+def test_docker_compose_itself_accepts_the_compose_file():
+    """Debian's docker-compose parses and validates the file without a Docker engine."""
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_DIR / "docker-compose.yaml"), "config", "-q"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_DIR / "docker-compose.yaml"), "config"],
+        capture_output=True, text=True, timeout=60, check=True).stdout)["services"]
+    built = {name: s["build"] for name, s in services.items() if "build" in s}
+    assert built and all(b["target"] == "demo" for b in built.values()), "the demo needs the bundled tokenizer"
+
+
 def test_the_image_is_slim_and_runs_as_non_root():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
@@ -126,7 +138,7 @@ def test_the_image_is_slim_and_runs_as_non_root():
 
 def test_the_deployed_envoy_configs_are_the_shipped_one_with_their_addresses():
     """compose and Kubernetes carry envoy/envoy.yaml re-rendered: they must not drift from it."""
-    from extproc.devstack import render_envoy
+    from extproc.sim.launcher import render_envoy
 
     compose = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
     assert compose == render_envoy("envoy.yaml", listen="0.0.0.0:8080", admin="0.0.0.0:9901",

@@ -1,7 +1,7 @@
 """Real processes on free loopback ports: redis-server, envoy, kv-extproc.
 
 Shared by the quickstart, the integration tests and the benchmarks, so all three run
-the same binaries with the same shipped Envoy config (re-rendered with their ports).
+the same binaries with the same shipped Envoy configs (re-rendered with their ports).
 """
 
 from __future__ import annotations
@@ -25,8 +25,18 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ENVOY_DIR = REPO_ROOT / "envoy"
+
+
+def envoy_config_dir() -> Path:
+    """The shipped Envoy configs: package data of an installed wheel (``extproc.sim.envoy``,
+    built from the repository's ``envoy/``), or that folder itself in a source checkout."""
+    spec = importlib.util.find_spec("extproc.sim.envoy")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    checkout = Path(__file__).resolve().parents[2] / "envoy"
+    if not (checkout / "envoy.yaml").is_file():
+        raise RuntimeError("the shipped Envoy configs are not installed (extproc.sim.envoy) nor in a checkout")
+    return checkout
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -172,7 +182,7 @@ def render_envoy(
     """The shipped Envoy config with our listener, admin, ext_proc and pod addresses."""
     path = Path(template)
     if not path.is_absolute():
-        path = ENVOY_DIR / path
+        path = envoy_config_dir() / path
     conf = copy.deepcopy(yaml.safe_load(path.read_text()))
     conf["admin"]["address"] = _socket(admin)["address"]
     static = conf["static_resources"]
@@ -194,11 +204,6 @@ class Envoy:
     @property
     def url(self) -> str:
         return f"http://{self.listen}"
-
-    def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"http://{self.admin}/stats?format=json", timeout=5) as reply:
-            data = json.load(reply)
-        return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
 
 
 def start_envoy(conf: dict[str, Any], workdir: Path, *, log_level: str = "warning") -> Envoy:
@@ -245,8 +250,7 @@ def start_extproc(config: dict[str, Any], workdir: Path, *, command: str = "serv
     config = {"listen": f"127.0.0.1:{free_port()}", "metricsListen": f"127.0.0.1:{free_port()}", **config}
     path = workdir / f"kv-extproc-{command}-{config['metricsListen'].rpartition(':')[2]}.json"
     path.write_text(json.dumps(config, indent=2))
-    proc = _spawn(path.stem, [sys.executable, "-m", "extproc", command, "--config", str(path)], workdir,
-                  env={"PYTHONPATH": str(REPO_ROOT)})
+    proc = _spawn(path.stem, [sys.executable, "-m", "extproc", command, "--config", str(path)], workdir)
     host, _, port = (config["listen"] if command == "serve" else config["metricsListen"]).rpartition(":")
     wait_tcp(host, int(port), timeout=60, proc=proc)
     if wait_ready and command == "serve":

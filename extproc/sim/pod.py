@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .fakeengine import SimulatedEngine
+from .engine import SimulatedEngine
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Received:
     body: bytes
 
 
-class FakePod:
+class SimulatedPod:
     def __init__(self, pod_id: str, host: str, port: int, *, model: str = "fake-model",
                  on_request: Callable[[str, bytes], None] | None = None, engine: SimulatedEngine | None = None):
         self.pod_id = pod_id
@@ -46,7 +46,7 @@ class FakePod:
         host, port = self._server.server_address[:2]
         return f"{host}:{port}"
 
-    def start(self) -> "FakePod":
+    def start(self) -> "SimulatedPod":
         self._thread.start()
         return self
 
@@ -85,7 +85,7 @@ class FakePod:
         }
 
 
-def _handler_for(pod: FakePod) -> type[BaseHTTPRequestHandler]:
+def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -147,10 +147,10 @@ def run_simulated(pod_id: str, listen: str, *, kv_events: str = "", tokenizer: s
     """``kv-extproc simulate-pod``: one simulated vLLM pod, publishing KV events when asked."""
     import signal
 
-    from .devstack import bundled_tokenizer_dir
-    from .fakeengine import EngineCache, KVEventPublisher
-    from .requests import parse
-    from .tokenization import load_tokenizer, tokenize_with
+    from .launcher import bundled_tokenizer_dir
+    from .engine import EngineCache, KVEventPublisher
+    from ..requests import parse
+    from ..tokenization import load_tokenizer, tokenize_with
 
     engine = None
     if kv_events:
@@ -158,7 +158,7 @@ def run_simulated(pod_id: str, listen: str, *, kv_events: str = "", tokenizer: s
         engine = SimulatedEngine(lambda path, body: tokenize_with(tok, parse(path, body)),
                                  EngineCache(capacity_blocks=capacity_blocks), KVEventPublisher(kv_events))
     host, _, port = listen.rpartition(":")
-    pod = FakePod(pod_id, host, int(port), model=model or "fake-model", engine=engine).start()
+    pod = SimulatedPod(pod_id, host, int(port), model=model or "fake-model", engine=engine).start()
     print(f"simulated pod {pod_id} on {pod.address}" + (f", KV events on {kv_events}" if kv_events else ""), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -11,11 +11,11 @@ import json
 import time
 import urllib.request
 
-from . import devstack
-from .fakeengine import EngineCache, KVEventPublisher, SimulatedEngine
-from .fakepod import FakePod
-from .requests import parse
-from .tokenization import load_tokenizer, tokenize_with
+from . import launcher
+from .engine import EngineCache, KVEventPublisher, SimulatedEngine
+from .pod import SimulatedPod
+from ..requests import parse
+from ..tokenization import load_tokenizer, tokenize_with
 
 MODEL = "Qwen/Qwen3-0.6B"
 BLOCK_SIZE = 64
@@ -42,10 +42,10 @@ def _post(url: str, payload: dict) -> dict:
 
 
 def run(*, port: int = 8080, stay_up: bool = True) -> int:
-    workdir = devstack.workdir("kv-extproc-quickstart-")
-    tokenizer_dir = devstack.bundled_tokenizer_dir()
+    workdir = launcher.workdir("kv-extproc-quickstart-")
+    tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
-    redis_server = devstack.start_redis(workdir)
+    redis_server = launcher.start_redis(workdir)
     pods = []
     extproc = envoy = None
     try:
@@ -56,8 +56,8 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
                 EngineCache(capacity_blocks=4096, block_size=16),
                 KVEventPublisher(f"tcp://{host}:*"),
             )
-            pods.append(FakePod(name, host, devstack.free_port(host), model=MODEL, engine=engine).start())
-        extproc = devstack.start_extproc(
+            pods.append(SimulatedPod(name, host, launcher.free_port(host), model=MODEL, engine=engine).start())
+        extproc = launcher.start_extproc(
             {
                 "index": {"backend": "redis", "redisUrl": redis_server.url},
                 "blockSizeToHash": BLOCK_SIZE,
@@ -67,11 +67,11 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
             },
             workdir,
         )
-        envoy = devstack.start_envoy(
-            devstack.render_envoy(
+        envoy = launcher.start_envoy(
+            launcher.render_envoy(
                 "envoy.yaml",
-                listen=f"127.0.0.1:{port or devstack.free_port()}",
-                admin=f"127.0.0.1:{devstack.free_port()}",
+                listen=f"127.0.0.1:{port or launcher.free_port()}",
+                admin=f"127.0.0.1:{launcher.free_port()}",
                 extproc=[extproc.listen],
                 pods=[p.address for p in pods],
             ),
