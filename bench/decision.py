@@ -12,6 +12,8 @@ import time
 
 import uvloop
 
+from extproc import scoring
+from extproc.config import ScoringConfig
 from extproc import responses
 from extproc.sim import launcher
 from extproc.blocks import block_keys
@@ -64,7 +66,7 @@ async def run_async(rounds: int = ROUNDS) -> dict:
                 tokenizers = TokenizerManager({MODEL: tokenizer_dir}, workers=2)
                 await tokenizers.get(MODEL)
                 router = Router(PodPool(pods), Indexer(tokenizers, index, block_size=128, max_blocks=128,
-                                                       scheme="chained"), Metrics(), decision_timeout=5.0)
+                                                       scheme="chained"), scoring.build(ScoringConfig()), Metrics(), decision_timeout=5.0)
                 stats = summary(await _measure(router, body, rounds))
                 tokenizers.close()
                 row = {"prompt_tokens": len(tokens), "blocks": len(keys), "index": name, **stats}

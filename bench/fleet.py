@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import uvloop
 
+from extproc import scoring
+from extproc.config import ScoringConfig
 from extproc import config as config_mod
 from extproc.config import PodConfig
 from extproc.events.ingest import Ingester
@@ -161,7 +163,7 @@ async def simulate(policy: str, requests: list[list[dict]], tokens: list[list[in
         indexer = Indexer(tokenizers, index, block_size=conf.block_size_to_hash, max_blocks=conf.max_blocks_to_match,
                           scheme="chained", cache=cache)
         await index.subscribe(indexer.on_invalidation)
-        router = Router(pool, indexer, Metrics(), decision_timeout=10.0)
+        router = Router(pool, indexer, scoring.build(ScoringConfig()), Metrics(), decision_timeout=10.0)
     now, turn = 0.0, 0
     try:
         for messages, prompt in zip(requests, tokens):

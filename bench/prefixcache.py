@@ -10,6 +10,8 @@ import time
 
 import uvloop
 
+from extproc import scoring
+from extproc.config import ScoringConfig
 from extproc.sim import launcher
 from extproc.config import IndexConfig, PodConfig
 from extproc.index import Writes
@@ -62,7 +64,7 @@ async def run_async() -> dict:
             system = text_of_tokens(tokenizer, size, seed=size)
             def router(cache):
                 indexer = Indexer(tokenizers, index, block_size=128, max_blocks=128, scheme="chained", cache=cache)
-                return Router(PodPool(PODS), indexer, Metrics(), decision_timeout=10.0)
+                return Router(PodPool(PODS), indexer, scoring.build(ScoringConfig()), Metrics(), decision_timeout=10.0)
             plain = router(None)
             cached = router(PrefixCache())
             keys = plain.indexer.keys(tokenize_with(tokenizer, request(system, "warm")))

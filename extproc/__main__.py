@@ -14,7 +14,7 @@ import grpc
 import uvloop
 
 from . import config as config_mod
-from . import logs
+from . import logs, scoring
 from .config import Config, ConfigError
 from .events.ingest import Ingester
 from .health import Readiness
@@ -80,6 +80,7 @@ class Signals:
 
 
 async def serve(config: Config, config_path: str | None = None) -> None:
+    profile = scoring.build(config.scoring)
     metrics = Metrics()
     tokenizers = TokenizerManager(
         _tokenizer_sources(config),
@@ -101,7 +102,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         cache=cache,
         max_prompt_tokens=config.limits.max_prompt_tokens,
     )
-    router = Router(pool, indexer, metrics, decision_timeout=config.decision_timeout, log_prompts=config.log_prompts)
+    router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
+                    log_prompts=config.log_prompts)
     service = ExtProcService(router, metrics, routing_header=config.routing_header,
                              max_body_bytes=config.limits.max_body_bytes, max_messages=config.limits.max_messages)
 

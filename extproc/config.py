@@ -213,6 +213,28 @@ class PrefixStoreConfig(_Section):
             _positive(name, value)
 
 
+class ScorerConfig(_Section):
+    type: str
+    """A scorer of extproc/scoring (prefix, ...)."""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must not be negative, got {self.weight}")
+
+
+class ScoringConfig(_Section):
+    """How a pod is chosen: total = sum of weight x score (each 0..1), then the picker."""
+
+    scorers: list[ScorerConfig] = msgspec.field(default_factory=lambda: [ScorerConfig(type="prefix")])
+    picker: str = "max"
+    """max: the highest total; ties go to the fewest requests in flight, then take turns."""
+
+    def __post_init__(self) -> None:
+        if not self.scorers:
+            raise ValueError("scorers must list at least one scorer")
+
+
 class PodHealthConfig(_Section):
     enabled: bool = True
     path: str = "/health"
@@ -241,6 +263,7 @@ class Config(_Section):
     decision_timeout: Duration = Duration(0.3)
     """Past this, the request is routed by load instead of waiting on tokenizer or index."""
     tokenization: TokenizationConfig = TokenizationConfig()
+    scoring: ScoringConfig = ScoringConfig()
     limits: LimitsConfig = LimitsConfig()
     ingest: IngestConfig = IngestConfig()
     enable_pod_mapping_cache: bool = True

@@ -17,7 +17,6 @@ from .blocks import HashScheme, block_keys
 from .index import FEED_LOST, BlockIndex, Invalidation, PodTimes
 from .prefixcache import CachedPodMapping, CacheStats, PrefixCache, pod_set_hash
 from .requests import RoutingRequest
-from .scoring import matched_prefix
 from .tokenization import TokenizerManager, encode, prompt_text
 
 log = logging.getLogger("extproc.indexer")
@@ -65,6 +64,28 @@ def _rough_chars(request: RoutingRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
     return sum(len(m.get("content") or "") for m in request.messages or ())
+
+
+def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
+    """Consecutive blocks from the first that each pod holds (pods with none are absent).
+
+    Entries stored before ``not_before`` (unix seconds) are treated as absent.
+    """
+    matched: dict[str, int] = {}
+    active = list(pod_ids)
+    for depth, holders in enumerate(hits):
+        still = [p for p in active if p in holders and holders[p] >= not_before]
+        if depth:
+            for pod in active:
+                if pod not in still:
+                    matched[pod] = depth
+        active = still
+        if not active:
+            break
+    else:
+        for pod in active:
+            matched[pod] = len(hits)
+    return matched
 
 
 class PromptTooLong(Exception):

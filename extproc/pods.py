@@ -53,10 +53,6 @@ class PodPool:
     def all(self) -> list[Pod]:
         return list(self._pods.values())
 
-    def candidates(self, model: str) -> list[Pod]:
-        """Healthy pods serving the model."""
-        return [pod for pod in self._pods.values() if pod.healthy and pod.serves(model)]
-
     def serving(self, model: str) -> list[Pod]:
         """Every configured pod serving the model, healthy or not."""
         return [pod for pod in self._pods.values() if pod.serves(model)]
@@ -66,7 +62,12 @@ class PodPool:
 
     def least_loaded(self, pods: Sequence[Pod]) -> Pod:
         """Fewest in flight; equal counts take turns so cold traffic spreads evenly."""
-        fewest = min(pod.in_flight for pod in pods)
-        tied = [pod for pod in pods if pod.in_flight == fewest]
         self._turn += 1
-        return tied[self._turn % len(tied)]
+        return least_in_flight(pods, self._turn)
+
+
+def least_in_flight(pods: Sequence[Pod], turn: int) -> Pod:
+    """The pod with the fewest requests in flight; ``turn`` rotates among equals."""
+    fewest = min(pod.in_flight for pod in pods)
+    tied = [pod for pod in pods if pod.in_flight == fewest]
+    return tied[turn % len(tied)]

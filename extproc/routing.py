@@ -1,4 +1,4 @@
-"""The routing decision: the best cached prefix among a model's pods, or the least loaded.
+"""The routing decision: filters, the prefix lookup, scorers and a picker (scoring/).
 
 Nothing here may lose a request: every failure on the way (tokenizer, index, time budget)
 ends in a load-based pick, counted by reason.
@@ -15,7 +15,7 @@ from .indexer import Indexer, PromptTooLong
 from .metrics import Metrics
 from .pods import PodPool
 from .requests import RoutingRequest
-from .scoring import Decision, choose
+from .scoring import Context, Decision, Profile
 from .tokenization import TokenizerBusy, TokenizerUnavailable
 
 log = logging.getLogger("extproc.routing")
@@ -37,10 +37,11 @@ class ThrottledLog:
 
 
 class Router:
-    def __init__(self, pool: PodPool, indexer: Indexer, metrics: Metrics, *, decision_timeout: float,
-                 log_prompts: bool = False):
+    def __init__(self, pool: PodPool, indexer: Indexer, profile: Profile, metrics: Metrics, *,
+                 decision_timeout: float, log_prompts: bool = False):
         self.pool = pool
         self.indexer = indexer
+        self.profile = profile
         self.metrics = metrics
         self.decision_timeout = decision_timeout
         self.log_prompts = log_prompts
@@ -48,9 +49,10 @@ class Router:
 
     async def route(self, request: RoutingRequest) -> Decision | None:
         """The pod for this request, or None when no pod is configured at all."""
-        candidates = self.pool.candidates(request.model)
+        serving = self.pool.serving(request.model)
+        candidates = self.profile.filter(request, serving)
         if not candidates:
-            if self.pool.serving(request.model):
+            if serving:
                 # Every pod of the model fails its health checks: let Envoy's own pool decide.
                 self._count_fallback("no_healthy_pod", f"no healthy pod serves model {request.model!r}")
                 return None
@@ -79,10 +81,10 @@ class Router:
         if any(self.pool.get(pod.id) is not pod for pod in candidates):
             # The pod list was reloaded while we waited on the tokenizer or the index: decide
             # among the pods configured now, so a removed pod gets no traffic from this moment.
-            candidates = self.pool.candidates(request.model) or self.pool.healthy()
+            candidates = self.profile.filter(request, self.pool.serving(request.model)) or self.pool.healthy()
             if not candidates:
                 return None
-        decision = choose(candidates, match.matched, match.total_blocks, self.pool)
+        decision = self.profile.decide(Context(request, match.matched, match.total_blocks), candidates)
         elapsed = time.perf_counter() - started
         for stage, seconds in match.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
@@ -100,6 +102,7 @@ class Router:
                 "matched_blocks": decision.matched_blocks,
                 "total_blocks": decision.total_blocks,
                 "by_cache": decision.by_cache,
+                **{f"{scorer}_raw": values for scorer, values in decision.raw.items()},
                 "prefix_cache": match.cache,
                 **{f"{stage}_ms": round(seconds * 1000, 3) for stage, seconds in match.timings.items()},
                 "decision_ms": round(elapsed * 1000, 3),

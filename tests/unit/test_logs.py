@@ -3,6 +3,8 @@
 import json
 import logging
 
+from extproc import scoring
+from extproc.config import ScoringConfig
 from extproc.config import PodConfig
 from extproc.index.memory import MemoryIndex
 from extproc.indexer import Indexer
@@ -35,7 +37,7 @@ async def _decide(tokenizer_dir, caplog, *, log_prompts: bool) -> list[dict]:
     tokenizers = TokenizerManager({"m": tokenizer_dir})
     router = Router(PodPool([PodConfig(id="pod-a", address="10.0.0.1:8000")]),
                     Indexer(tokenizers, MemoryIndex(), block_size=16, max_blocks=8, scheme="chained"),
-                    Metrics(), decision_timeout=10, log_prompts=log_prompts)
+                    scoring.build(ScoringConfig()), Metrics(), decision_timeout=10, log_prompts=log_prompts)
     try:
         with caplog.at_level(logging.DEBUG, logger="extproc.routing"):
             await router.route(RoutingRequest(model="m", kind="completion", prompt="TOP SECRET PROMPT " * 10))

@@ -1,0 +1,15 @@
+"""Filters: candidates that must not be chosen for this request, whatever they score."""
+
+from __future__ import annotations
+
+from ..pods import Pod
+from ..requests import RoutingRequest
+
+
+class Healthy:
+    """Pods failing their health checks (podhealth.py) are no candidates until they answer."""
+
+    name = "healthy"
+
+    def filter(self, request: RoutingRequest, pods: list[Pod]) -> list[Pod]:
+        return [pod for pod in pods if pod.healthy]

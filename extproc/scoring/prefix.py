@@ -1,0 +1,21 @@
+"""Prefix scorer: the share of the prompt's blocks a pod holds, as a run from the first.
+
+Only a run from the start counts: the engine reuses a cached block only when every block
+before it is cached too. Raw value: the blocks matched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..pods import Pod
+from .base import Context, Scores
+
+
+class PrefixScorer:
+    name = "prefix"
+
+    def score(self, context: Context, pods: Sequence[Pod]) -> Scores:
+        total = context.total_blocks
+        raw = {pod.id: float(context.matched.get(pod.id, 0)) for pod in pods}
+        return Scores({pod: (n / total if total else 0.0) for pod, n in raw.items()}, raw)
