@@ -23,7 +23,7 @@ from .indexer import Indexer
 from .metrics import Metrics
 from .podhealth import PodHealthChecker
 from .pods import PodPool
-from .prefixcache import PrefixCache, PrefixCacheConfig
+from .prefixcache import PrefixCache
 from .routing import Router
 from .server import ExtProcService
 from .tokenization import TokenizerManager
@@ -34,17 +34,7 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def build_cache(config: Config) -> PrefixCache | None:
-    if not config.enable_pod_mapping_cache:
-        return None
-    store = config.prefix_store_config
-    return PrefixCache(PrefixCacheConfig(
-        chunk_chars=store.block_size,
-        max_chunks=store.max_entries,
-        enable_pod_mappings=store.enable_pod_mapping_cache,
-        pod_mapping_ttl=store.pod_mapping_ttl,
-        max_pod_sets_per_block=store.max_pod_sets_per_block,
-        max_mappings=store.max_pod_mappings,
-    ))
+    return PrefixCache(config.prefix_store_config) if config.enable_pod_mapping_cache else None
 
 
 def _tokenizer_sources(config: Config) -> dict[str, str]:
@@ -220,7 +210,7 @@ async def _watch(path: str, current: Config, signals: Signals, apply) -> None:
 async def _clean_cache(cache: PrefixCache, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        removed = cache.cleanup_expired_mappings()
+        removed = cache.mappings.cleanup_expired_mappings()
         if removed:
             log.debug("prefix cache: %d expired pod mappings removed", removed)
 

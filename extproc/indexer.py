@@ -145,7 +145,7 @@ class Indexer:
             keys = self.keys(prepared.tokens)
             t2 = time.perf_counter()
             timings["hash"] = t2 - t1
-            epoch = self.cache.epoch()
+            epoch = self.cache.mappings.epoch()
             hits = await self.index.lookup(request.model, keys) if keys else []
             t1 = time.perf_counter()
             timings["lookup"] = t1 - t2
@@ -153,7 +153,7 @@ class Indexer:
             if debug:
                 log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", prepared.outcome,
                           len(prepared.tokens), prepared.cached_tokens, len(keys))
-            if prepared.block_hash is not None and self.cache.cache_pod_mappings(
+            if prepared.block_hash is not None and self.cache.mappings.cache_pod_mappings(
                 prepared.block_hash, pod_ids, keys, hits, since_epoch=epoch, total_tokens=len(prepared.tokens)
             ) and debug:
                 log.debug("CACHED tokens=%d keys=%d hit_keys=%d", len(prepared.tokens), len(keys),
@@ -175,7 +175,7 @@ class Indexer:
             return None, None
         try:
             rendered = self._render(tokenizer, request)
-            mapping = self.cache.get_mapping(rendered.block_hash, set_hash)
+            mapping = self.cache.mappings.get_mapping(rendered.block_hash, set_hash)
         except Exception:  # noqa: BLE001 - the worker path will retry and fall back
             return None, None
         if mapping is None:
@@ -184,7 +184,7 @@ class Indexer:
 
     def _render(self, tokenizer, request: RoutingRequest) -> _Rendered:
         text, add_special_tokens = prompt_text(tokenizer, request)
-        hashes, block_hash = self.cache.chunk_hashes(text, request.model, add_special_tokens)
+        hashes, block_hash = self.cache.store.chunk_hashes(text, request.model, add_special_tokens)
         return _Rendered(text, add_special_tokens, hashes, block_hash)
 
     def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int, rendered: _Rendered | None) -> _Prepared:
@@ -194,10 +194,10 @@ class Indexer:
         try:
             if rendered is None:
                 rendered = self._render(tokenizer, request)
-                mapping = cache.get_mapping(rendered.block_hash, set_hash)
+                mapping = cache.mappings.get_mapping(rendered.block_hash, set_hash)
                 if mapping is not None:
                     return _Prepared("hit", mapping=mapping, block_hash=rendered.block_hash)
-            tokens, cached, store = cache.tokenize_deferred(
+            tokens, cached, store = cache.store.tokenize_deferred(
                 tokenizer, rendered.text, request.model, add_special_tokens=rendered.add_special_tokens,
                 hashes=rendered.hashes,
             )
@@ -236,14 +236,14 @@ class Indexer:
     # -- cache maintenance -----------------------------------------------------------
 
     def invalidate_cache_for_kv_events(self, keys: Iterable[int]) -> int:
-        return self.cache.invalidate_pod_mappings_for_keys(keys) if self.cache is not None else 0
+        return self.cache.mappings.invalidate_pod_mappings_for_keys(keys) if self.cache is not None else 0
 
     def on_invalidation(self, message: Invalidation) -> None:
         """Listener for the index's invalidation feed (every store and removal, any pod)."""
         if self.cache is None:
             return
         if message.pod == FEED_LOST:
-            self.cache.invalidate_all()  # changes may have been missed: trust nothing cached
+            self.cache.mappings.invalidate_all()  # changes may have been missed: trust nothing cached
             return
         self.invalidate_cache_for_kv_events([key for _, key in message.removed] + [key for _, key in message.stored])
 

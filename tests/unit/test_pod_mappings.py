@@ -14,7 +14,8 @@ from extproc.config import PodConfig
 from extproc.index import Writes
 from extproc.index.memory import MemoryIndex
 from extproc.indexer import Indexer
-from extproc.prefixcache import PrefixCache, PrefixCacheConfig, pod_set_hash
+from extproc.config import PrefixStoreConfig
+from extproc.prefixcache import PrefixCache, pod_set_hash
 from extproc.requests import RoutingRequest
 from extproc.tokenization import TokenizerManager, tokenize_with
 
@@ -38,7 +39,7 @@ async def tokenizers(tokenizer_dir):
 
 def make_indexer(tokenizers, index, cache=None, **cfg) -> Indexer:
     return Indexer(tokenizers, index, block_size=64, max_blocks=128, scheme="chained",
-                   cache=cache if cache is not None else PrefixCache(PrefixCacheConfig(**cfg)))
+                   cache=cache if cache is not None else PrefixCache(PrefixStoreConfig(**cfg)))
 
 
 async def store_prompt(index: MemoryIndex, tokenizer, indexer: Indexer, request: RoutingRequest, pod: str,
@@ -82,13 +83,13 @@ async def test_the_interface_names_of_the_design(tokenizers, tokenizer):
     await indexer.get_pod_scores(chat(2, "q"), PODS)
     await tokenizers.settle()
     text = tokenizer.apply_chat_template(chat(2, "q").messages, tokenize=False, add_generation_prompt=True)
-    cached = cache.find_longest_contained_tokens(text, MODEL)
+    cached = cache.store.find_longest_contained_tokens(text, MODEL)
     assert cached.tokens and cached.tokens == tokenizer.backend_tokenizer.encode(text[: cached.chars]).ids
     tokens, mapping = cache.find_longest_contained_tokens_with_pod_mappings(text, MODEL, PODS)
     assert tokens.tokens == cached.tokens and mapping is not None
     assert mapping.pod_set_hash == pod_set_hash(PODS)
     assert cache.find_longest_contained_tokens_with_pod_mappings(text, MODEL, ["pod-a"])[1] is None
-    assert cache.invalidate_pod_mappings_for_keys(mapping.kv_block_keys[:1]) == 1
+    assert cache.mappings.invalidate_pod_mappings_for_keys(mapping.kv_block_keys[:1]) == 1
     assert cache.find_longest_contained_tokens_with_pod_mappings(text, MODEL, PODS)[1] is None
 
 
@@ -124,27 +125,27 @@ async def test_mappings_expire_after_the_ttl(tokenizers):
     assert (await indexer.get_pod_scores(chat(5, "q"), PODS)).cache == "hit"
     await asyncio.sleep(0.3)
     await tokenizers.settle()
-    assert indexer.cache.cleanup_expired_mappings() == 1
+    assert indexer.cache.mappings.cleanup_expired_mappings() == 1
     assert (await indexer.get_pod_scores(chat(5, "q"), PODS)).cache == "partial"
 
 
 def test_at_most_max_pod_sets_per_block():
-    cache = PrefixCache(PrefixCacheConfig(max_pod_sets_per_block=2))
+    cache = PrefixCache(PrefixStoreConfig(max_pod_sets_per_block=2))
     for pods in (["a"], ["b"], ["c"]):
-        assert cache.cache_pod_mappings(b"h", pods, [1, 2], [{}, {}], since_epoch=cache.epoch())
-    assert cache.get_mapping(b"h", pod_set_hash(["a"])) is None
-    assert cache.get_mapping(b"h", pod_set_hash(["c"])) is not None
+        assert cache.mappings.cache_pod_mappings(b"h", pods, [1, 2], [{}, {}], since_epoch=cache.mappings.epoch())
+    assert cache.mappings.get_mapping(b"h", pod_set_hash(["a"])) is None
+    assert cache.mappings.get_mapping(b"h", pod_set_hash(["c"])) is not None
     assert cache.get_cache_stats().mappings == 2
 
 
 def test_a_change_during_the_lookup_is_not_lost():
     """Results read before an invalidation of one of their blocks are never cached."""
     cache = PrefixCache()
-    epoch = cache.epoch()
-    cache.invalidate_pod_mappings_for_keys([2])  # arrives while the lookup is in flight
-    assert not cache.cache_pod_mappings(b"h", ["a"], [1, 2, 3], [{"a": 1.0}] * 3, since_epoch=epoch)
-    assert cache.cache_pod_mappings(b"h", ["a"], [1, 3], [{"a": 1.0}] * 2, since_epoch=epoch)
-    assert cache.get_mapping(b"h", pod_set_hash(["a"])) is not None
+    epoch = cache.mappings.epoch()
+    cache.mappings.invalidate_pod_mappings_for_keys([2])  # arrives while the lookup is in flight
+    assert not cache.mappings.cache_pod_mappings(b"h", ["a"], [1, 2, 3], [{"a": 1.0}] * 3, since_epoch=epoch)
+    assert cache.mappings.cache_pod_mappings(b"h", ["a"], [1, 3], [{"a": 1.0}] * 2, since_epoch=epoch)
+    assert cache.mappings.get_mapping(b"h", pod_set_hash(["a"])) is not None
 
 
 async def test_decisions_are_identical_with_the_cache_off(tokenizers, tokenizer):
@@ -170,15 +171,15 @@ async def test_decisions_are_identical_with_the_cache_off(tokenizers, tokenizer)
 
 
 def test_memory_stays_bounded_over_a_long_stream_of_distinct_prompts(tokenizer):
-    cache = PrefixCache(PrefixCacheConfig(chunk_chars=64, max_chunks=500, max_mappings=100))
+    cache = PrefixCache(PrefixStoreConfig(block_size=64, max_entries=500, max_pod_mappings=100))
     rng = random.Random(1)
     words = ["alpha", "beta", "gamma", "delta", "kv", "cache", "route", "pod"]
     peak = 0
     for i in range(600):
         text = f"prompt {i}: " + " ".join(rng.choice(words) for _ in range(120))
-        tokens, _ = cache.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
-        _, block_hash = cache.chunk_hashes(text, MODEL, False)
-        cache.cache_pod_mappings(block_hash, PODS, list(range(i, i + 10)), [{"pod-a": 1.0}] * 10, since_epoch=cache.epoch())
+        tokens, _ = cache.store.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+        _, block_hash = cache.store.chunk_hashes(text, MODEL, False)
+        cache.mappings.cache_pod_mappings(block_hash, PODS, list(range(i, i + 10)), [{"pod-a": 1.0}] * 10, since_epoch=cache.mappings.epoch())
         stats = cache.get_cache_stats()
         peak = max(peak, stats.memory_bytes)
         assert stats.entries <= 500 and stats.mappings <= 100
@@ -187,7 +188,7 @@ def test_memory_stays_bounded_over_a_long_stream_of_distinct_prompts(tokenizer):
 
 
 async def test_concurrent_tokenizing_lookups_and_invalidations_keep_the_cache_consistent(tokenizer):
-    cache = PrefixCache(PrefixCacheConfig(chunk_chars=32, max_chunks=300, max_mappings=50))
+    cache = PrefixCache(PrefixStoreConfig(block_size=32, max_entries=300, max_pod_mappings=50))
     stop = threading.Event()
     errors: list[BaseException] = []
     texts = [f"tenant {i % 5} " + "shared words for everyone " * 20 + f"question {i}" for i in range(200)]
@@ -197,7 +198,7 @@ async def test_concurrent_tokenizing_lookups_and_invalidations_keep_the_cache_co
         try:
             while not stop.is_set():
                 text = rng.choice(texts)
-                tokens, _ = cache.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+                tokens, _ = cache.store.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
                 if tokens != tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids:
                     raise AssertionError("torn entry: wrong tokens")
         except BaseException as exc:  # noqa: BLE001
@@ -208,25 +209,27 @@ async def test_concurrent_tokenizing_lookups_and_invalidations_keep_the_cache_co
         t.start()
     rng = random.Random(9)
     stale = 0
-    for round_ in range(2000):
-        keys = [rng.randrange(50) for _ in range(4)]
-        epoch = cache.epoch()
-        if rng.random() < 0.5:
-            cache.invalidate_pod_mappings_for_keys([rng.randrange(50)])
-        cached = cache.cache_pod_mappings(round_.to_bytes(4, "big"), PODS, keys, [{"a": 1.0}] * 4, since_epoch=epoch)
-        # Invariant: a cached mapping never contains a key invalidated after its lookup began.
-        if cached and any(cache._invalidated_at.get(k, -1) > epoch for k in keys):
-            stale += 1
-        if round_ % 100 == 0:
-            await asyncio.sleep(0)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        for round_ in range(2000):
+            keys = [rng.randrange(50) for _ in range(4)]
+            epoch = cache.mappings.epoch()
+            if rng.random() < 0.5:
+                cache.mappings.invalidate_pod_mappings_for_keys([rng.randrange(50)])
+            cached = cache.mappings.cache_pod_mappings(round_.to_bytes(4, "big"), PODS, keys, [{"a": 1.0}] * 4, since_epoch=epoch)
+            # Invariant: a cached mapping never contains a key invalidated after its lookup began.
+            if cached and any(cache.mappings._invalidated_at.get(k, -1) > epoch for k in keys):
+                stale += 1
+            if round_ % 100 == 0:
+                await asyncio.sleep(0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     assert not errors, errors[0]
     assert stale == 0
-    with cache._lock:
-        indexed = {(k, h) for k, hs in cache._by_key.items() for h in hs}
-        actual = {(k, h) for h, by_set in cache._mappings.items() for m in by_set.values() for k in m.kv_block_keys}
+    with cache.mappings._lock:
+        indexed = {(k, h) for k, hs in cache.mappings._by_key.items() for h in hs}
+        actual = {(k, h) for h, by_set in cache.mappings._mappings.items() for m in by_set.values() for k in m.kv_block_keys}
     assert indexed == actual, "the key -> mapping index matches the mappings"
 
 
@@ -249,7 +252,7 @@ async def test_an_error_inside_the_cache_falls_back_to_the_full_pipeline(tokeniz
     def broken(*args, **kwargs):
         raise RuntimeError("cache bug")
 
-    monkeypatch.setattr(indexer.cache, "chunk_hashes", broken)
+    monkeypatch.setattr(indexer.cache.store, "chunk_hashes", broken)
     match = await indexer.get_pod_scores(request, PODS)
     assert match.cache == "error"
     assert match.matched == {"pod-b": match.total_blocks} and match.total_blocks > 0

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.prefixcache import PrefixCache, PrefixCacheConfig, Splitter
+from extproc.config import PrefixStoreConfig
+from extproc.prefixcache import PrefixStore, Splitter
 from extproc.requests import RoutingRequest
 from extproc.tokenization import render_chat
 
@@ -32,8 +33,8 @@ def full(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=special).ids
 
 
-def cache(chunk_chars: int = 16) -> PrefixCache:
-    return PrefixCache(PrefixCacheConfig(chunk_chars=chunk_chars))
+def cache(chunk_chars: int = 16) -> PrefixStore:
+    return PrefixStore(PrefixStoreConfig(block_size=chunk_chars))
 
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

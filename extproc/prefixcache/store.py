@@ -1,8 +1,10 @@
-"""Prefix store and pod-mapping cache: a repeated prefix skips tokenizing and Redis.
+"""Prefix store: prompt text chunks -> the tokens they contribute, so a repeated prefix is
+not tokenized again.
 
-Prefix store. The prompt text is cut into fixed-size chunks, each keyed by a chained hash
-of the text so far. A chunk maps to the tokens its text contributes, so a lookup returns
-the longest cached run of tokens and only the rest of the text is tokenized.
+The prompt text is cut into fixed-size chunks (``prefixStoreConfig.blockSize`` characters),
+each keyed by a chained hash of the text so far. A chunk maps to the tokens its text
+contributes, so a lookup returns the longest cached run of tokens and only the rest of the
+text is tokenized.
 
 Exactness. A token may straddle a chunk boundary, so a chunk's tokens end at a *split
 point* at or before the chunk's end: a place where tokenizing the two sides apart gives
@@ -13,30 +15,22 @@ letters, for tokenizers whose pre-tokenizer splits words there (checked on the t
 itself when it is loaded; others use (1) only). A split point is only taken far enough
 before the chunk's end that the text after the chunk cannot change it.
 
-Pod mappings. The result of the index lookup for a whole prompt (its block keys and who
-holds them) is kept under the hash of the prompt's last text block and of the candidate
-pod set, for ``podMappingTTL``. Every index change the ingester announces (stored or
-removed) drops the mappings that contain the block, so a cached mapping never hides a
-pod that just stored a prefix nor keeps one that lost it.
-
-Thread-safe: the tokenizer threads, the event loop and the invalidation feed share it.
+Thread-safe (its own lock): tokenizer threads fill it, the event loop reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from bisect import bisect_left, bisect_right
 import re
-import sys
 import threading
-import time
+import weakref
 from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .index import PodTimes
+from ..config import PrefixStoreConfig
 
 log = logging.getLogger("extproc.prefixcache")
 
@@ -154,6 +148,8 @@ def _ascii_letter(ch: str) -> bool:
     return ("a" <= ch <= "z") or ("A" <= ch <= "Z")
 
 
+
+
 @dataclass(slots=True)
 class CachedTokens:
     tokens: list[int]
@@ -162,80 +158,33 @@ class CachedTokens:
     chunks: int
 
 
-@dataclass(slots=True)
-class CachedPodMapping:
-    kv_block_keys: list[int]
-    hit_keys: frozenset[int]
-    key_to_pods: dict[int, PodTimes]
-    cached_at: float
-    pod_set_hash: int
-    total_tokens: int = 0
-
-
-@dataclass(slots=True)
-class CacheStats:
-    entries: int = 0
-    mappings: int = 0
-    hits: int = 0
-    partial_hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    invalidations: int = 0
-    memory_bytes: int = 0
-
-
 _Chunk = tuple  # (split point: int, tokens: bytes of native uint32)
 """A plain tuple of an int and bytes: the garbage collector stops tracking it, so a store of
 100,000 chunks adds no collection pauses (a class instance or an array would be tracked)."""
 
 
-@dataclass
-class PrefixCacheConfig:
-    chunk_chars: int = 256
-    max_chunks: int = 100_000
-    enable_pod_mappings: bool = True
-    pod_mapping_ttl: float = 30.0
-    max_pod_sets_per_block: int = 5
-    max_mappings: int = 50_000
-
-
-def pod_set_hash(pod_ids: Iterable[str]) -> int:
-    """Deterministic across processes (unlike hash()), independent of order."""
-    digest = hashlib.blake2b("\0".join(sorted(pod_ids)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-class PrefixCache:
-    def __init__(self, config: PrefixCacheConfig | None = None):
-        self.config = config or PrefixCacheConfig()
+class PrefixStore:
+    def __init__(self, config: PrefixStoreConfig):
+        self.config = config
         self._lock = threading.RLock()
         self._chunks: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
         self._chunk_bytes = 0
-        self._mappings: OrderedDict[ChunkHash, OrderedDict[int, CachedPodMapping]] = OrderedDict()
-        self._by_key: dict[int, tuple[ChunkHash, ...]] = {}
-        """block key -> prompts whose mapping holds it; tuples of ints, which the garbage
-        collector stops tracking (a set per key made full collections pause for tens of ms)."""
-        self._epoch = 0
-        self._invalidated_at: OrderedDict[int, int] = OrderedDict()
-        self._forgotten_epoch = -1
-        """Newest epoch among changes no longer remembered per key."""
-        self.stats = CacheStats()
-        self._splitters: dict[int, Splitter] = {}
-
-    # -- text -> tokens ---------------------------------------------------------------
+        self.evictions = 0
+        self._splitters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        """tokenizer -> its Splitter, freed with the tokenizer (an id() could be reused by
+        another model's tokenizer and hand it the wrong split rules)."""
 
     def splitter(self, tokenizer) -> Splitter:
-        key = id(tokenizer)
-        splitter = self._splitters.get(key)
+        splitter = self._splitters.get(tokenizer)
         if splitter is None:
-            splitter = self._splitters[key] = Splitter(tokenizer)
+            splitter = self._splitters[tokenizer] = Splitter(tokenizer)
             log.info("prefix store: split on added tokens%s (margin %d chars)",
                      " and between words" if splitter.word_splits else " only", splitter.margin)
         return splitter
 
     def chunk_hashes(self, prompt: str, model: str, add_special_tokens: bool) -> tuple[list[ChunkHash], ChunkHash]:
         """Chained hashes of the prompt's full chunks, and of the whole prompt (its last text block)."""
-        size = self.config.chunk_chars
+        size = self.config.block_size
         h = _digest(0, f"{model}\0{int(add_special_tokens)}")
         hashes = []
         full = len(prompt) // size
@@ -297,7 +246,7 @@ class PrefixCache:
 
     def _store_chunks(self, splitter: Splitter, prompt: str, hashes: list[ChunkHash], first: int, start: int,
                       ids: Sequence[int], encoding) -> None:
-        size = self.config.chunk_chars
+        size = self.config.block_size
         split, cursor = start, 0
         starts: list[int] | None = None
         spans = splitter.added_spans(prompt)
@@ -322,148 +271,16 @@ class PrefixCache:
                 if h not in self._chunks:
                     self._chunks[h] = chunk
                     self._chunk_bytes += len(chunk[1]) + _ENTRY_OVERHEAD
-            while len(self._chunks) > self.config.max_chunks:
+            while len(self._chunks) > self.config.max_entries:
                 _, old = self._chunks.popitem(last=False)
                 self._chunk_bytes -= len(old[1]) + _ENTRY_OVERHEAD
-                self.stats.evictions += 1
+                self.evictions += 1
 
     # -- pod mappings -----------------------------------------------------------------
 
-    def epoch(self) -> int:
-        """Take before asking the index; cache_pod_mappings refuses results older than a change."""
-        return self._epoch
+    def __len__(self) -> int:
+        return len(self._chunks)
 
-    def find_longest_contained_tokens_with_pod_mappings(
-        self, prompt: str, model: str, pod_ids: Sequence[str], *, add_special_tokens: bool = False
-    ) -> tuple[CachedTokens, CachedPodMapping | None]:
-        """Full hit: tokens and the mapping. Partial: tokens only. Miss: nothing cached."""
-        hashes, last = self.chunk_hashes(prompt, model, add_special_tokens)
-        cached = self.find_longest_contained_tokens(prompt, model, hashes=hashes)
-        mapping = self.get_mapping(last, pod_set_hash(pod_ids))
-        return cached, mapping
-
-    def get_mapping(self, block_hash: ChunkHash, set_hash: int) -> CachedPodMapping | None:
-        if not self.config.enable_pod_mappings:
-            return None
-        with self._lock:
-            by_set = self._mappings.get(block_hash)
-            mapping = by_set.get(set_hash) if by_set else None
-            if mapping is None:
-                return None
-            if time.monotonic() - mapping.cached_at > self.config.pod_mapping_ttl:
-                self._drop_mapping(block_hash, set_hash)
-                return None
-            self._mappings.move_to_end(block_hash)
-            return mapping
-
-    def cache_pod_mappings(self, block_hash: ChunkHash, pod_ids: Sequence[str], kv_block_keys: Sequence[int],
-                           hits: Sequence[PodTimes], *, since_epoch: int, total_tokens: int = 0) -> bool:
-        """Keep a lookup result, unless a change to one of its blocks arrived since ``since_epoch``."""
-        if not self.config.enable_pod_mappings:
-            return False
-        set_hash = pod_set_hash(pod_ids)
-        key_to_pods = {key: dict(pods) for key, pods in zip(kv_block_keys, hits) if pods}
-        mapping = CachedPodMapping(list(kv_block_keys), frozenset(key_to_pods), key_to_pods, time.monotonic(),
-                                   set_hash, total_tokens)
-        with self._lock:
-            if self._forgotten_epoch > since_epoch:
-                return False  # too many changes since to tell which blocks they touched
-            if any(self._invalidated_at.get(key, -1) > since_epoch for key in kv_block_keys):
-                return False
-            by_set = self._mappings.setdefault(block_hash, OrderedDict())
-            if set_hash in by_set:
-                self._drop_mapping(block_hash, set_hash)
-                by_set = self._mappings.setdefault(block_hash, OrderedDict())
-            by_set[set_hash] = mapping
-            for key in kv_block_keys:
-                owners = self._by_key.get(key, ())
-                if block_hash not in owners:
-                    self._by_key[key] = owners + (block_hash,)
-            while len(by_set) > self.config.max_pod_sets_per_block:
-                self._drop_mapping(block_hash, next(iter(by_set)))
-            while len(self._mappings) > self.config.max_mappings:
-                oldest = next(iter(self._mappings))
-                for s in list(self._mappings[oldest]):
-                    self._drop_mapping(oldest, s)
-                self.stats.evictions += 1
-        return True
-
-    def _drop_mapping(self, block_hash: ChunkHash, set_hash: int) -> None:
-        by_set = self._mappings.get(block_hash)
-        if not by_set or set_hash not in by_set:
-            return
-        mapping = by_set.pop(set_hash)
-        if not by_set:
-            del self._mappings[block_hash]
-        still = {k for m in by_set.values() for k in m.kv_block_keys} if by_set else set()
-        for key in mapping.kv_block_keys:
-            if key in still:
-                continue
-            owners = self._by_key.get(key)
-            if owners is not None and block_hash in owners:
-                rest = tuple(h for h in owners if h != block_hash)
-                if rest:
-                    self._by_key[key] = rest
-                else:
-                    del self._by_key[key]
-
-    def invalidate_pod_mappings_for_keys(self, keys: Iterable[int]) -> int:
-        """Drop every mapping containing one of the keys; returns how many were dropped."""
-        dropped = 0
-        with self._lock:
-            self._epoch += 1
-            remembered = max(1024, self.config.max_mappings)
-            for key in keys:
-                self._invalidated_at[key] = self._epoch
-                self._invalidated_at.move_to_end(key)
-                for block_hash in list(self._by_key.get(key, ())):
-                    for set_hash in list(self._mappings.get(block_hash, {})):
-                        self._drop_mapping(block_hash, set_hash)
-                        dropped += 1
-            while len(self._invalidated_at) > remembered:
-                _, epoch = self._invalidated_at.popitem(last=False)
-                self._forgotten_epoch = max(self._forgotten_epoch, epoch)
-            self.stats.invalidations += dropped
-        return dropped
-
-    def invalidate_all(self) -> int:
-        with self._lock:
-            self._epoch += 1
-            count = sum(len(v) for v in self._mappings.values())
-            self._mappings.clear()
-            self._by_key.clear()
-            self._invalidated_at.clear()
-            self._forgotten_epoch = self._epoch
-            self.stats.invalidations += count
-            return count
-
-    def cleanup_expired_mappings(self) -> int:
-        now = time.monotonic()
-        removed = 0
-        with self._lock:
-            for block_hash, by_set in list(self._mappings.items()):
-                for set_hash, mapping in list(by_set.items()):
-                    if now - mapping.cached_at > self.config.pod_mapping_ttl:
-                        self._drop_mapping(block_hash, set_hash)
-                        removed += 1
-        return removed
-
-    def record(self, outcome: str) -> None:
-        with self._lock:
-            if outcome == "hit":
-                self.stats.hits += 1
-            elif outcome == "partial":
-                self.stats.partial_hits += 1
-            else:
-                self.stats.misses += 1
-
-    def get_cache_stats(self) -> CacheStats:
-        with self._lock:
-            mappings = sum(len(v) for v in self._mappings.values())
-            mapping_bytes = sum(
-                sys.getsizeof(m.kv_block_keys) + 8 * len(m.kv_block_keys) + 120 * len(m.key_to_pods) + _ENTRY_OVERHEAD
-                for by_set in self._mappings.values() for m in by_set.values()
-            )
-            s = self.stats
-            return CacheStats(len(self._chunks), mappings, s.hits, s.partial_hits, s.misses, s.evictions,
-                              s.invalidations, self._chunk_bytes + mapping_bytes)
+    @property
+    def memory_bytes(self) -> int:
+        return self._chunk_bytes
