@@ -78,7 +78,7 @@ _decoder = msgspec.msgpack.Decoder()
 def decode_payload(payload: bytes) -> EventBatch:
     try:
         raw = _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 inside a msgpack str too
         raise DecodeError(f"not msgpack: {exc}") from None
     if isinstance(raw, dict):
         ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")

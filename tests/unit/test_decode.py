@@ -122,3 +122,9 @@ def test_replay_answers_with_and_without_topic_frame():
     assert decode_replay([b"", (5).to_bytes(8, "big"), b"p"]) == (5, b"p")
     assert decode_replay([b"", b"kv-events", (5).to_bytes(8, "big"), b"p"]) == (5, b"p")
     assert decode_replay([b"", b"\xff" * 8, b""]) == (2**64 - 1, b"")
+
+
+def test_a_string_with_invalid_utf8_is_a_decode_error_not_a_crash():
+    """Found by the fuzzer: msgspec raises UnicodeDecodeError for a msgpack str of bad UTF-8."""
+    with pytest.raises(DecodeError):
+        decode_frames([b"", b"\x00" * 8, b"\xa3\x00\x00\x80"])
