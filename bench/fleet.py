@@ -132,7 +132,7 @@ async def _applied(ingester: Ingester, pod: SimPod) -> None:
     deadline = time.monotonic() + 5
     while (feed.last_seq is None or feed.last_seq < target) and time.monotonic() < deadline:
         await asyncio.sleep(0.0002)
-    async with ingester._locks.setdefault(pod.id, asyncio.Lock()):
+    async with ingester.sequencer.lock(pod.id):
         pass  # its write is done
 
 

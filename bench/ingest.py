@@ -72,7 +72,7 @@ async def _throughput(redis_url: str, per_event: int, batches: int) -> dict:
     while feed.last_seq != batches - 1:
         await asyncio.sleep(0.001)
     # process() returns only after its pipeline is written, so the last batch is in Redis now.
-    async with ingester._locks[feed.pod]:
+    async with ingester.sequencer.lock(feed.pod):
         elapsed = time.perf_counter() - t0
     warm.stdin.write("done\n")
     warm.stdin.flush()

@@ -1,0 +1,229 @@
+"""Per-pod sequencing: one publisher's messages -> index writes, strictly in order.
+
+Sequence numbers guard the truth of the index: a gap is filled from the pod's replay
+endpoint when it has one; otherwise (or if the replay cannot cover it) the pod's entries
+are dropped and rebuilt from new events, never left half true. A sequence that starts
+again means the engine restarted with an empty cache: its old entries are dropped first.
+
+No sockets here: frames come in from the transport, replays are fetched through a
+function it provides, so every rule can be tested with plain lists of frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..config import Config, PodConfig
+from ..index import BlockIndex, IndexUnavailable, Writes
+from ..metrics import Metrics
+from .decode import AllBlocksCleared, BlockRemoved, BlockStored, DecodeError, EventBatch, decode_frames, decode_payload
+from .tracker import PodTracker
+
+log = logging.getLogger("extproc.events")
+
+ReplayFetcher = Callable[["Feed", int], Awaitable["list[tuple[int, bytes]] | None"]]
+"""(feed, first seq) -> every buffered (seq, payload) from there on, sorted; None if the pod did not answer."""
+
+
+@dataclass
+class Feed:
+    """One publisher: a pod's engine (its KV events, in sequence)."""
+
+    pod: str
+    tracker: PodTracker
+    endpoint: str = ""
+    replay: str = ""
+    last_seq: int | None = None
+    skip_upto: int | None = None
+    reconnected: bool = False
+    """The connection dropped and came back: the next message must continue the sequence
+    exactly, or the publisher is taken to have restarted."""
+    last_seen: float = field(default_factory=time.monotonic)
+    silent_purged: bool = False
+
+
+def pod_model(pod: PodConfig, config: Config) -> str:
+    """The base model a pod's events belong to (LoRA blocks name their adapter)."""
+    if pod.models:
+        return pod.models[0]
+    return config.models[0].name if config.models else ""
+
+
+class Sequencer:
+    """Every pod's feed, applied under a per-pod lock (live messages, replays and purges of
+    one pod never interleave)."""
+
+    def __init__(self, index: BlockIndex, config: Config, metrics: Metrics, fetch_replay: ReplayFetcher):
+        self.index = index
+        self.config = config
+        self.metrics = metrics
+        self.fetch_replay = fetch_replay
+        self.feeds: dict[str, Feed] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def new_feed(self, pod: str, model: str, endpoint: str = "", replay: str = "") -> Feed:
+        tracker = PodTracker(
+            pod, model, self.config.block_size_to_hash, self.config.max_blocks_to_match, self.config.hash_scheme
+        )
+        feed = self.feeds[pod] = Feed(pod, tracker, endpoint, replay)
+        return feed
+
+    def lock(self, pod: str) -> asyncio.Lock:
+        return self._locks.setdefault(pod, asyncio.Lock())
+
+    async def load(self, feed: Feed) -> None:
+        """Adopt the pod's persisted engine map, so removals of blocks stored before we started apply."""
+        try:
+            feed.tracker.load(await self.index.load_engine_map(feed.pod))
+        except IndexUnavailable as exc:
+            log.warning("pod %s: engine map not loaded (%s); its old blocks cannot be removed", feed.pod, exc)
+
+    # -- applying events -------------------------------------------------------------
+
+    async def process(self, feed: Feed, frames_list: list[list[bytes]]) -> None:
+        """Apply a run of one publisher's messages; never raises for bad input."""
+        async with self.lock(feed.pod):
+            feed.last_seen = time.monotonic()
+            feed.silent_purged = False
+            writes = Writes()
+            for frames in frames_list:
+                try:
+                    message = decode_frames(frames)
+                except DecodeError as exc:
+                    self.metrics.event_decode_errors.inc()
+                    log.debug("pod %s: skipping a malformed frame: %s", feed.pod, exc)
+                    continue
+                if feed.skip_upto is not None:
+                    if message.seq <= feed.skip_upto:
+                        continue
+                    feed.skip_upto = None
+                if feed.reconnected and feed.last_seq is not None and message.seq != feed.last_seq + 1:
+                    # Back after a drop and not where it left off: a new engine process.
+                    writes = await self._flush(feed, writes)
+                    await self._restarted(feed, message.seq)
+                elif feed.last_seq is not None and message.seq != feed.last_seq + 1:
+                    writes = await self._flush(feed, writes)
+                    await self._resync(feed, message.seq)
+                feed.reconnected = False
+                writes = await self._apply(feed, message.batch, writes)
+                feed.last_seq = message.seq
+            await self._flush(feed, writes)
+
+    async def _apply(self, feed: Feed, batch: EventBatch, writes: Writes) -> Writes:
+        writes.at = batch.ts
+        self.metrics.ingest_lag.observe(max(0.0, time.time() - batch.ts))
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                self.metrics.events.labels("BlockStored").inc()
+                if event.kv_cache_spec_kind == "sliding_window":
+                    continue  # evicted as the window slides: never a prefix hit
+                try:
+                    feed.tracker.stored(event, writes)
+                except ValueError as exc:
+                    self.metrics.event_decode_errors.inc()
+                    log.warning("pod %s: %s", feed.pod, exc)
+            elif isinstance(event, BlockRemoved):
+                self.metrics.events.labels("BlockRemoved").inc()
+                feed.tracker.removed(event, writes)
+            elif isinstance(event, AllBlocksCleared):
+                self.metrics.events.labels("AllBlocksCleared").inc()
+                writes = await self._flush(feed, writes)
+                await self.purge(feed.pod, "cleared")
+                writes.at = batch.ts
+        return writes
+
+    async def _flush(self, feed: Feed, writes: Writes) -> Writes:
+        if writes:
+            try:
+                await self.index.apply(feed.pod, writes)
+                self.metrics.router_blocks_written.inc(len(writes.stored))
+            except IndexUnavailable as exc:
+                # Writes lost: the pod's entries would be half true, so start it over.
+                log.warning("pod %s: index write failed (%s); dropping its entries", feed.pod, exc)
+                await self._purge_quietly(feed.pod, "index_error")
+        return Writes()
+
+    # -- gaps, restarts, replays -----------------------------------------------------
+
+    async def _resync(self, feed: Feed, seq: int) -> None:
+        last = feed.last_seq
+        assert last is not None
+        if seq <= last:
+            log.warning("pod %s: sequence went back from %d to %d: engine restarted", feed.pod, last, seq)
+            await self._restarted(feed, seq)
+            return
+        self.metrics.sequence_gaps.labels(feed.pod).inc()
+        log.warning("pod %s: lost events %d..%d", feed.pod, last + 1, seq - 1)
+        if feed.replay and await self._replay(feed, last + 1, seq):
+            return
+        await self.purge(feed.pod, "gap")
+
+    async def _restarted(self, feed: Feed, seq: int) -> None:
+        """Drop everything of the old process; take what the new one sent before ``seq`` from
+        its replay buffer when it has one (we may have joined after its first batches)."""
+        await self.purge(feed.pod, "restart")
+        feed.last_seq = None
+        if feed.replay and seq > 0:
+            replies = await self.fetch_replay(feed, 0)
+            replies = [(s, p) for s, p in replies or () if s < seq]
+            if [s for s, _ in replies] == list(range(seq)):
+                await self._apply_replies(feed, replies)
+                feed.skip_upto = None
+
+    async def _replay(self, feed: Feed, start: int, upto: int) -> bool:
+        """Fill the gap start..upto-1 from the pod's replay buffer; False if it cannot."""
+        replies = await self.fetch_replay(feed, start)
+        replies = [(seq, payload) for seq, payload in replies or () if seq < upto]
+        if [seq for seq, _ in replies] != list(range(start, upto)):
+            self.metrics.replays.labels("incomplete" if replies is not None else "failed").inc()
+            log.warning("pod %s: replay could not cover %d..%d", feed.pod, start, upto - 1)
+            return False
+        await self._apply_replies(feed, replies)
+        return True
+
+    async def _apply_replies(self, feed: Feed, replies: list[tuple[int, bytes]]) -> None:
+        writes = Writes()
+        for seq, payload in replies:
+            try:
+                writes = await self._apply(feed, decode_payload(payload), writes)
+            except DecodeError:
+                self.metrics.event_decode_errors.inc()
+            feed.last_seq = seq
+        await self._flush(feed, writes)
+        # Live messages queued while we replayed repeat what we just applied.
+        feed.skip_upto = feed.last_seq
+        self.metrics.replays.labels("ok").inc()
+
+    async def catch_up(self, feed: Feed) -> None:
+        """On start, rebuild the pod's entries from its replay buffer if it holds the whole history."""
+        async with self.lock(feed.pod):
+            if feed.last_seq is not None:
+                return
+            replies = await self.fetch_replay(feed, 0)
+            if not replies or replies[0][0] != 0 or [s for s, _ in replies] != list(range(len(replies))):
+                log.info("pod %s: replay buffer does not start at 0; keeping the index as it is", feed.pod)
+                return
+            await self._purge_quietly(feed.pod, "catch_up")
+            await self._apply_replies(feed, replies)
+            log.info("pod %s: rebuilt from its replay buffer up to seq %d", feed.pod, feed.last_seq)
+
+    # -- dropping a pod --------------------------------------------------------------
+
+    async def purge(self, pod: str, reason: str) -> None:
+        dropped = await self._purge_quietly(pod, reason)
+        log.info("pod %s: dropped %d index entries (%s)", pod, dropped, reason)
+
+    async def _purge_quietly(self, pod: str, reason: str) -> int:
+        self.metrics.pod_purges.labels(reason).inc()
+        feed = self.feeds.get(pod)
+        if feed is not None:
+            feed.tracker.clear()
+        try:
+            return await self.index.purge_pod(pod)
+        except IndexUnavailable as exc:
+            log.warning("pod %s: purge failed (%s)", pod, exc)
+            return 0
