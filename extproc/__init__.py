@@ -2,7 +2,8 @@
 most likely to hold its prompt's KV cache.
 
 Pipeline (one module per stage, data flowing one way):
-server -> requests -> tokenization -> blocks -> index -> scoring -> server
+server -> requests -> tokenization/prefixcache -> blocks -> indexer -> index -> scoring -> server
+KV events: events (transport -> sequencing -> index; janitor -> index) -> invalidation feed
 """
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
 from .index import FEED_LOST, BlockIndex, Invalidation, PodTimes
@@ -92,27 +92,17 @@ class PromptTooLong(Exception):
     """Over limits.maxPromptTokens: routed by load, the engine judges the prompt itself."""
 
 
+@dataclass
 class Indexer:
-    def __init__(
-        self,
-        tokenizers: TokenizerManager,
-        index: BlockIndex,
-        *,
-        block_size: int,
-        max_blocks: int,
-        scheme: HashScheme,
-        max_entry_age: float = 0.0,
-        cache: PrefixCache | None = None,
-        max_prompt_tokens: int = 1 << 30,
-    ):
-        self.tokenizers = tokenizers
-        self.index = index
-        self.block_size = block_size
-        self.max_blocks = max_blocks
-        self.scheme = scheme
-        self.max_entry_age = max_entry_age
-        self.cache = cache
-        self.max_prompt_tokens = max_prompt_tokens
+    tokenizers: TokenizerManager
+    index: BlockIndex
+    _: KW_ONLY
+    block_size: int
+    max_blocks: int
+    scheme: HashScheme
+    max_entry_age: float = 0.0
+    cache: PrefixCache | None = None
+    max_prompt_tokens: int = 1 << 30
 
     def _check_length(self, tokens: int) -> None:
         if tokens > self.max_prompt_tokens:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import KW_ONLY, dataclass, field
 from collections.abc import Awaitable, Callable
 
 from .pods import Pod, PodPool
@@ -36,17 +37,17 @@ async def probe(address: str, path: str, timeout: float) -> bool:
             writer.close()
 
 
+@dataclass
 class PodHealthChecker:
-    def __init__(self, pool: PodPool, *, path: str, interval: float, timeout: float, unhealthy_after: float,
-                 purge_after: float, purge: Callable[[str], Awaitable[None]] | None = None):
-        self.pool = pool
-        self.path = path
-        self.interval = interval
-        self.timeout = timeout
-        self.unhealthy_after = unhealthy_after
-        self.purge_after = purge_after
-        self.purge = purge
-        self._purged: set[str] = set()
+    pool: PodPool
+    _: KW_ONLY
+    path: str
+    interval: float
+    timeout: float
+    unhealthy_after: float
+    purge_after: float
+    purge: Callable[[str], Awaitable[None]] | None = None
+    _purged: set[str] = field(default_factory=set, init=False)
 
     async def run(self) -> None:
         while True:

@@ -96,22 +96,31 @@ class PodTracker:
 
     def _complete(self, last: EngineBlock, last_id: str, size: int) -> int | None:
         """Key of the router block ending at ``last``, if all its engine blocks are here."""
-        members = [last_id]
-        parts = [last.tokens]
-        node = last
-        for _ in range(self.router_block // size - 1):
-            if node.parent is None or node.parent not in self.blocks:
-                return None
-            members.append(node.parent)
-            node = self.blocks[node.parent]
-            parts.append(node.tokens)
-        tokens = [t for part in reversed(parts) for t in part]
+        chain = self._chain(last_id, last, self.router_block // size)
+        if chain is None:
+            return None
+        tokens = [t for _, block in reversed(chain) for t in block.tokens]
         key = block_key(tokens, last.router_parent, self.scheme)
-        for member in members:
-            keys = self.member_of.setdefault(member, [])
+        self._add_member([eid for eid, _ in chain], key)
+        return key
+
+    def _chain(self, last_id: str, last: EngineBlock, count: int) -> list[tuple[str, EngineBlock]] | None:
+        """The ``count`` engine blocks ending at ``last`` (last first), or None if one is unknown."""
+        chain = [(last_id, last)]
+        node = last
+        for _ in range(count - 1):
+            parent = self.blocks.get(node.parent) if node.parent is not None else None
+            if parent is None:
+                return None
+            chain.append((node.parent, parent))
+            node = parent
+        return chain
+
+    def _add_member(self, engine_ids: list[str], key: int) -> None:
+        for eid in engine_ids:
+            keys = self.member_of.setdefault(eid, [])
             if key not in keys:
                 keys.append(key)
-        return key
 
     def removed(self, event: BlockRemoved, writes: Writes) -> None:
         for block_hash in event.block_hashes:
@@ -139,14 +148,6 @@ class PodTracker:
             size = len(node.tokens)
             if size and node.router_parent not in (None, BROKEN) and (node.depth + 1) * size % self.router_block == 0:
                 # This block completed a router block; its key is the router_parent it carries.
-                members, cursor = [eid], node
-                for _ in range(self.router_block // size - 1):
-                    if cursor.parent is None or cursor.parent not in self.blocks:
-                        members = []
-                        break
-                    members.append(cursor.parent)
-                    cursor = self.blocks[cursor.parent]
-                for member in members:
-                    keys = self.member_of.setdefault(member, [])
-                    if node.router_parent not in keys:
-                        keys.append(node.router_parent)
+                chain = self._chain(eid, node, self.router_block // size)
+                if chain is not None:
+                    self._add_member([member for member, _ in chain], node.router_parent)

@@ -13,13 +13,15 @@ so serve replicas can drop cached mappings that are no longer true.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import msgspec
-
 from ..config import IndexConfig
+from .invalidation import FEED_LOST, Invalidation, InvalidationListener
+
+__all__ = ["FEED_LOST", "BlockIndex", "BlockRef", "IndexUnavailable", "Invalidation", "InvalidationListener",
+           "PodTimes", "Writes", "open_index"]
 
 PodTimes = dict[str, float]
 """pod id -> unix seconds at which it stored the block."""
@@ -65,21 +67,6 @@ class Writes:
 
     def __bool__(self) -> bool:
         return bool(self.stored or self.removed or self.engine_put or self.engine_del)
-
-
-class Invalidation(msgspec.Struct, array_like=True, frozen=True):
-    """A pod gained or lost blocks; sent to every serve replica."""
-
-    pod: str
-    removed: list[tuple[str, int]] = []
-    stored: list[tuple[str, int]] = []
-    cleared: bool = False
-
-
-InvalidationListener = Callable[[Invalidation], None]
-
-FEED_LOST = "*"
-"""Pod name of the Invalidation delivered when the feed was down: anything may have changed."""
 
 
 class BlockIndex(Protocol):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -26,15 +27,15 @@ from redis.exceptions import (
 )
 
 from ..config import ConfigError, IndexConfig, read_secret
+from . import invalidation
 from . import FEED_LOST, BlockRef, IndexUnavailable, Invalidation, InvalidationListener, PodTimes, Writes
 
 log = logging.getLogger("extproc.index.redis")
 
 WRITE_TIMEOUT = 10.0
+T = TypeVar("T")
 CHUNK = 5000
 
-_encode_invalidation = msgspec.msgpack.Encoder().encode
-_decode_invalidation = msgspec.msgpack.Decoder(Invalidation).decode
 
 
 def redact(url: str) -> str:
@@ -97,12 +98,16 @@ class RedisIndex:
     def _engine(self, pod: str) -> str:
         return f"{self._meta}engine:{pod}"
 
-    async def _run(self, pipe: aioredis.client.Pipeline, timeout: float | None = None) -> list:
+    async def _ask(self, call: Awaitable[T], timeout: float) -> T:
+        """Any Redis failure or a reply slower than ``timeout`` is IndexUnavailable."""
         try:
-            async with asyncio.timeout(timeout or self._timeout):
-                return await pipe.execute()
+            async with asyncio.timeout(timeout):
+                return await call
         except (RedisError, OSError, TimeoutError) as exc:
             raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+
+    async def _run(self, pipe: aioredis.client.Pipeline, timeout: float | None = None) -> list:
+        return await self._ask(pipe.execute(), timeout or self._timeout)
 
     # -- read side -------------------------------------------------------------------
 
@@ -141,7 +146,7 @@ class RedisIndex:
             pipe.sadd(f"{self._meta}pods", pod)
         if writes.stored or writes.removed:
             message = Invalidation(pod, sorted(writes.removed), sorted(writes.stored))
-            pipe.publish(self._channel, _encode_invalidation(message))
+            pipe.publish(self._channel, invalidation.encode(message))
         await self._run(pipe, WRITE_TIMEOUT)
 
     async def _drop(self, pod: str, refs: list[BlockRef], *, cleared: bool = False) -> None:
@@ -154,14 +159,11 @@ class RedisIndex:
             await self._run(pipe, WRITE_TIMEOUT)
         if refs or cleared:
             pipe = self._client.pipeline(transaction=False)
-            pipe.publish(self._channel, _encode_invalidation(Invalidation(pod, refs, cleared=cleared)))
+            pipe.publish(self._channel, invalidation.encode(Invalidation(pod, refs, cleared=cleared)))
             await self._run(pipe, WRITE_TIMEOUT)
 
     async def _held_refs(self, pod: str) -> list[BlockRef]:
-        try:
-            members = await asyncio.wait_for(self._client.smembers(self._held(pod)), WRITE_TIMEOUT)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        members = await self._ask(self._client.smembers(self._held(pod)), WRITE_TIMEOUT)
         refs = []
         for member in members:
             model, _, key = member.decode().rpartition("@")
@@ -192,17 +194,11 @@ class RedisIndex:
         return len(old)
 
     async def pods(self) -> set[str]:
-        try:
-            members = await asyncio.wait_for(self._client.smembers(f"{self._meta}pods"), WRITE_TIMEOUT)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        members = await self._ask(self._client.smembers(f"{self._meta}pods"), WRITE_TIMEOUT)
         return {m.decode() for m in members}
 
     async def load_engine_map(self, pod: str) -> dict[str, bytes]:
-        try:
-            raw = await asyncio.wait_for(self._client.hgetall(self._engine(pod)), WRITE_TIMEOUT)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise IndexUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+        raw = await self._ask(self._client.hgetall(self._engine(pod)), WRITE_TIMEOUT)
         return {k.decode(): v for k, v in raw.items()}
 
     # -- invalidation feed -----------------------------------------------------------
@@ -231,12 +227,12 @@ class RedisIndex:
                     if message.get("type") != "message":
                         continue
                     try:
-                        invalidation = _decode_invalidation(message["data"])
-                    except msgspec.DecodeError:
+                        change = invalidation.decode(message["data"])
+                    except (msgspec.DecodeError, UnicodeDecodeError):
                         log.warning("ignoring a malformed invalidation message")
                         continue
                     for listener in self._listeners:
-                        listener(invalidation)
+                        listener(change)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
