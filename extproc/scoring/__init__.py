@@ -49,8 +49,10 @@ class Profile:
             for pod_id, value in scores.values.items():
                 totals[pod_id] += weight * min(1.0, max(0.0, value))
         pod = self.picker.pick(pods, totals)
+        alternates = sorted((p for p in pods if p is not pod), key=lambda p: (-totals[p.id], p.in_flight))
         matched, total = context.matched.get(pod.id, 0), context.total_blocks
-        return Decision(pod, 100.0 * matched / total if total else 0.0, matched, total, matched > 0, raw)
+        return Decision(pod, 100.0 * matched / total if total else 0.0, matched, total, matched > 0, raw,
+                        tuple(alternates))
 
 
 def build(config: ScoringConfig) -> Profile:

@@ -60,3 +60,5 @@ class Decision:
     by_cache: bool
     raw: dict[str, dict[str, float]] = field(default_factory=dict)
     """scorer -> pod id -> raw value (empty for a fallback)."""
+    alternates: tuple[Pod, ...] = ()
+    """The other candidates, best total first: where a retry should go next."""

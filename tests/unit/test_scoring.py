@@ -57,6 +57,14 @@ def test_longest_prefix_wins_and_raw_scores_are_kept(profile):
     assert d.raw == {"prefix": {"a": 1.0, "b": 3.0, "c": 0.0}}
 
 
+def test_the_other_candidates_come_best_first_for_retries(profile):
+    p = pool("a", "b", "c", "d")
+    p.get("d").in_flight = 2
+    d = choose(profile, p.all(), {"a": 1, "b": 3, "c": 2}, 4)
+    assert d.pod.id == "b"
+    assert [pod.id for pod in d.alternates] == ["c", "a", "d"]
+
+
 def test_ties_go_to_the_pod_with_fewer_requests_in_flight(profile):
     p = pool("a", "b", "c")
     p.get("a").in_flight = 3
