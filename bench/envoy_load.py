@@ -4,10 +4,21 @@ Backends are Envoy direct responses (a second Envoy process listening on 127.0.0
 the measurement is the proxy path, not a Python HTTP server. Variants:
 - ``envoy``: Envoy alone, no ext_proc (routes to the backends by plain load balancing);
 - ``noop``: Envoy + a no-op ext_proc (headers only, answers at once);
-- ``hit`` / ``miss``: Envoy + kv-extproc, the same prompt every time (cached) / a new one;
+- ``floor``: the shipped config (BUFFERED body) + an ext_proc that parses nothing and answers
+  each message with bytes serialized at start-up (the body answer routes to one pod): the
+  cheapest possible Python ext_proc doing the same Envoy work, the baseline for kv-extproc;
+- ``hit``: kv-extproc, the same prompt every time;
+- ``turn``: kv-extproc, the same system prompt and a new user question every time (the
+  common request of a real fleet);
+- ``miss``: kv-extproc, a new prompt every time;
 - ``nocache``: kv-extproc with the prefix cache off, same prompt every time;
 - ``memory``: the hit workload with the in-process index instead of Redis.
-Each at 1 and 8 connections; ratios are to Envoy alone and to the no-op ext_proc.
+Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor. Then
+``doc``: a unique 1 MB document after a cached system prompt, sent one at a time (median of
+several), through the floor and kv-extproc, in both body modes.
+
+Environment: BENCH_SIZES (e.g. "2000"), BENCH_VARIANTS (e.g. "floor,hit,turn"),
+BENCH_DURATION (seconds per wrk run, default 5), BENCH_DOC=0 to skip the 1 MB document.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import statistics
 import re
 import subprocess
 import tempfile
@@ -33,7 +46,7 @@ from extproc.tokenization import load_tokenizer
 from .common import text_of_tokens, write
 
 MODEL = "Qwen/Qwen3-0.6B"
-DURATION = 5
+DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 BACKENDS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
@@ -113,6 +126,35 @@ class NoopExtProc:
         return self
 
 
+class FloorExtProc(NoopExtProc):
+    """Parses nothing: the first byte of a ProcessingRequest is the tag of the field that is set
+    (request_headers = field 2, request_body = field 4), and each is answered with bytes built once."""
+
+    def __init__(self, port: int, *, header: str, address: str):
+        super().__init__(port)
+        self.answers = {0x12: responses.headers_continue((header,)), 0x22: responses.body_route(header, address),
+                        0x32: responses.TRAILERS_CONTINUE}
+
+    async def _serve(self) -> None:
+        answers = self.answers
+
+        async def process(messages, context):
+            async for data in messages:
+                answer = answers.get(data[0]) if data else None
+                if answer is not None:
+                    yield answer
+
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=None, response_serializer=None)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(1)
+
+
 LUA = """
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
@@ -145,8 +187,38 @@ def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path) -
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-def run(sizes: tuple[int, ...] = (500, 2000, 8000), variants: tuple[str, ...] = ("envoy", "noop", "hit", "miss", "nocache", "memory"),
-        name: str = "envoy_load") -> dict:
+ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory")
+REFERENCES = ("envoy", "noop", "floor")
+
+
+def chat_body(system: str, user: str) -> str:
+    return json.dumps({"model": MODEL, "messages": [{"role": "system", "content": system},
+                                                    {"role": "user", "content": user}]})
+
+
+def variant_body(variant: str, system: str) -> tuple[str, bool]:
+    """The wrk body template and whether @@N@@ in it is replaced per request."""
+    if variant == "miss":
+        return chat_body("@@N@@ " + system, "hi"), True
+    if variant == "turn":
+        return chat_body(system, "Question @@N@@: what changed since the last release, and why?"), True
+    return chat_body(system, "hi"), False
+
+
+def post_timed(url: str, body: bytes) -> float:
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={"content-type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=60) as reply:
+        reply.read()
+        assert reply.status == 200
+    return time.perf_counter() - t0
+
+
+def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None, name: str = "envoy_load") -> dict:
+    sizes = sizes or tuple(int(x) for x in os.environ.get("BENCH_SIZES", "500,2000,8000").split(","))
+    variants = variants or tuple(os.environ.get("BENCH_VARIANTS", ",".join(ALL_VARIANTS)).split(","))
     workdir = Path(tempfile.mkdtemp(prefix="kv-extproc-load-"))
     tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -155,32 +227,39 @@ def run(sizes: tuple[int, ...] = (500, 2000, 8000), variants: tuple[str, ...] = 
     pods = [{"id": f"pod-{i}", "address": f"{h}:{p}"} for i, (h, p) in enumerate(zip(BACKENDS, ports))]
     redis_server = launcher.start_redis(workdir)
     started: list = [backend, redis_server]
-    results: dict = {"duration_s": DURATION, "rows": []}
+    results: dict = {"duration_s": DURATION, "rows": [], "doc": []}
+    header = "x-gateway-destination-endpoint"
     try:
         def extproc(**extra):
             conf = {"index": {"backend": "redis", "redisUrl": redis_server.url}, "logLevel": "warning",
+                    "limits": {"maxBodyBytes": 4 * 1024 * 1024},
                     "models": [{"name": MODEL, "tokenizer": tokenizer_dir}], "pods": pods, **extra}
             proc = launcher.start_extproc(conf, workdir)
             started.append(proc)
             return proc.listen
 
-        def proxy(conf_fn, listen_ext):
-            conf = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
+        def proxy(conf_fn, listen_ext, template="envoy.yaml"):
+            conf = launcher.render_envoy(template, listen=f"127.0.0.1:{launcher.free_port()}",
                                          admin=f"127.0.0.1:{launcher.free_port()}", extproc=[listen_ext],
                                          pods=[p["address"] for p in pods])
             envoy = launcher.start_envoy(conf_fn(conf), workdir)
             started.append(envoy)
             return envoy.url
 
-        noop_port = launcher.free_port()
+        noop_port, floor_port = launcher.free_port(), launcher.free_port()
         NoopExtProc(noop_port).start()
+        FloorExtProc(floor_port, header=header, address=pods[0]["address"]).start()
         urls = {}
         if "envoy" in variants:
             urls["envoy"] = proxy(without_ext_proc, f"127.0.0.1:{noop_port}")
         if "noop" in variants:
             urls["noop"] = proxy(headers_only, f"127.0.0.1:{noop_port}")
-        if {"hit", "miss"} & set(variants):
-            urls["hit"] = urls["miss"] = proxy(lambda c: c, extproc())
+        if "floor" in variants:
+            urls["floor"] = proxy(lambda c: c, f"127.0.0.1:{floor_port}")
+        kv = None
+        if {"hit", "miss", "turn"} & set(variants):
+            kv = extproc()
+            urls["hit"] = urls["miss"] = urls["turn"] = proxy(lambda c: c, kv)
         if "nocache" in variants:
             urls["nocache"] = proxy(lambda c: c, extproc(enablePodMappingCache=False))
         if "memory" in variants:
@@ -190,27 +269,52 @@ def run(sizes: tuple[int, ...] = (500, 2000, 8000), variants: tuple[str, ...] = 
             for connections in (1, 8):
                 row_base = {}
                 for variant in variants:
-                    unique = variant == "miss"
-                    sys_text = ("@@N@@ " + system) if unique else system
-                    body = json.dumps({"model": MODEL, "messages": [{"role": "system", "content": sys_text},
-                                                                    {"role": "user", "content": "hi"}]})
+                    body, unique = variant_body(variant, system)
                     wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)  # warm-up run
                     stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)
                     row_base[variant] = stats
                     row = {"prompt_tokens": size, "connections": connections, "variant": variant, **stats}
-                    for ref in ("envoy", "noop"):
+                    for ref in REFERENCES:
                         if ref in row_base and ref != variant:
                             row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
                             row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
                     results["rows"].append(row)
                     extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("rps_vs", "p50_minus")))
                     print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
-                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}")
+                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}",
+                          flush=True)
+        if kv is not None and "floor" in variants and os.environ.get("BENCH_DOC", "1") != "0":
+            results["doc"] = measure_document(tokenizer, proxy, kv, floor_port)
     finally:
         for part in reversed(started):
             part.proc.stop()
     write(name, results)
     return results
+
+
+def measure_document(tokenizer, proxy, kv_listen: str, floor_port: int, repeats: int = 7) -> list[dict]:
+    """A unique ~1 MB document after a cached 2k-token system prompt, one request at a time."""
+    system = text_of_tokens(tokenizer, 2000, seed=2000)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = []
+    for template in ("envoy.yaml", "envoy-full-duplex.yaml"):
+        urls = {"floor": proxy(lambda c: c, f"127.0.0.1:{floor_port}", template),
+                "kv-extproc": proxy(lambda c: c, kv_listen, template)}
+        post_timed(urls["kv-extproc"], chat_body(system, "warm-up").encode())  # the system prompt is now cached
+        medians = {}
+        for variant, url in urls.items():
+            samples = []
+            for i in range(repeats):
+                rng = __import__("random").Random(f"{template}{variant}{i}")
+                doc = " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(120_000))[:1_000_000]
+                samples.append(post_timed(url, chat_body(system, doc).encode()))
+            medians[variant] = statistics.median(samples) * 1000
+        row = {"body_mode": template, "floor_ms": medians["floor"], "kv_extproc_ms": medians["kv-extproc"],
+               "added_ms": medians["kv-extproc"] - medians["floor"]}
+        rows.append(row)
+        print(f"envoy     1 MB document ({template}): floor {row['floor_ms']:.1f} ms, kv-extproc "
+              f"{row['kv_extproc_ms']:.1f} ms, added {row['added_ms']:.1f} ms (median of {repeats})", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ from extproc.config import PodConfig
 from extproc.events.ingest import Ingester
 from extproc.sim.engine import EngineCache, KVEventPublisher
 from extproc.index.memory import MemoryIndex
-from extproc.indexer import Indexer
+from extproc.indexer import Indexer, build_cache
 from extproc.metrics import Metrics
 from extproc.pods import PodPool
-from extproc.prefixcache import PrefixCache
 from extproc.requests import RoutingRequest
 from extproc.routing import Router
 from extproc.tokenization import TokenizerManager, load_tokenizer, tokenize_with
@@ -159,7 +158,8 @@ async def simulate(policy: str, requests: list[list[dict]], tokens: list[list[in
                 pod.publisher.publish([])
                 await asyncio.sleep(0.01)
         tokenizers = TokenizerManager({MODEL: tokenizer_dir})
-        cache = PrefixCache() if policy == "kv-extproc" else None
+        cache = build_cache(conf.prefix_store_config, block_size=conf.block_size_to_hash,
+                            max_blocks=conf.max_blocks_to_match, scheme="chained") if policy == "kv-extproc" else None
         indexer = Indexer(tokenizers, index, block_size=conf.block_size_to_hash, max_blocks=conf.max_blocks_to_match,
                           scheme="chained", cache=cache)
         await index.subscribe(indexer.on_invalidation)

@@ -19,7 +19,8 @@ from extproc.index.redis import RedisIndex
 from extproc.indexer import Indexer
 from extproc.metrics import Metrics
 from extproc.pods import PodPool
-from extproc.prefixcache import PrefixCache
+from extproc.config import PrefixStoreConfig
+from extproc.indexer import build_cache
 from extproc.requests import RoutingRequest
 from extproc.routing import Router
 from extproc.tokenization import TokenizerManager, load_tokenizer, tokenize_with
@@ -66,7 +67,7 @@ async def run_async() -> dict:
                 indexer = Indexer(tokenizers, index, block_size=128, max_blocks=128, scheme="chained", cache=cache)
                 return Router(PodPool(PODS), indexer, scoring.build(ScoringConfig()), Metrics(), decision_timeout=10.0)
             plain = router(None)
-            cached = router(PrefixCache())
+            cached = router(build_cache(PrefixStoreConfig(), block_size=128, max_blocks=128, scheme="chained"))
             keys = plain.indexer.keys(tokenize_with(tokenizer, request(system, "warm")))
             await index.apply("pod-3", Writes(stored={(MODEL, k): time.time() for k in keys}))
             await _timed(cached, request(system, "repeat"))  # system prompt now in the prefix store

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,8 @@ from . import logs, scoring
 from .config import Config, ConfigError
 from .events.ingest import Ingester
 from .health import Readiness
-from .index import BlockIndex, open_index
+from .index import BlockIndex, IndexUnavailable, open_index
+from . import indexer as indexer_mod
 from .indexer import Indexer
 from .metrics import Metrics
 from .podhealth import PodHealthChecker
@@ -34,7 +36,10 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def build_cache(config: Config) -> PrefixCache | None:
-    return PrefixCache(config.prefix_store_config) if config.enable_pod_mapping_cache else None
+    if not config.enable_pod_mapping_cache:
+        return None
+    return indexer_mod.build_cache(config.prefix_store_config, block_size=config.block_size_to_hash,
+                                   max_blocks=config.max_blocks_to_match, scheme=config.hash_scheme)
 
 
 def _tokenizer_sources(config: Config) -> dict[str, str]:
@@ -110,6 +115,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         metrics.watch_cache(indexer.get_cache_stats)
         await index.subscribe(indexer.on_invalidation)
         background.append(asyncio.ensure_future(_clean_cache(cache, config.cache_cleanup_interval)))
+        if config.prefix_store_config.mirror and not index.local:
+            background.append(asyncio.ensure_future(_keep_mirror(indexer)))
     ingester = None
     if config.ingest.enabled:
         ingester = Ingester(index, config, metrics)
@@ -210,9 +217,25 @@ async def _watch(path: str, current: Config, signals: Signals, apply) -> None:
 async def _clean_cache(cache: PrefixCache, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        removed = cache.mappings.cleanup_expired_mappings()
+        removed = cache.owners.sweep()
         if removed:
-            log.debug("prefix cache: %d expired pod mappings removed", removed)
+            log.debug("prefix cache: %d expired block owner answers removed", removed)
+
+
+async def _keep_mirror(indexer: Indexer) -> None:
+    """Load the index into the owner cache, and again whenever it stops being complete (a lost
+    feed); stop trying once the entry bound has been reached (the cache works per block then)."""
+    owners = indexer.cache.owners
+    while True:
+        if not owners.complete and not owners.evictions:
+            started = time.monotonic()
+            try:
+                if await indexer.load_mirror():
+                    log.info("block owner mirror loaded: %d blocks in %.2fs", owners.size()[0],
+                             time.monotonic() - started)
+            except IndexUnavailable as exc:
+                log.warning("block owner mirror not loaded (%s); lookups ask the index meanwhile", exc)
+        await asyncio.sleep(1.0)
 
 
 async def ingest(config: Config, config_path: str | None = None) -> None:

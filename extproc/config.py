@@ -196,20 +196,30 @@ class HealthConfig(_Section):
 
 class PrefixStoreConfig(_Section):
     enable_pod_mapping_cache: bool = True
-    """Cache index lookups per prompt (off: the prefix store still saves tokenizing)."""
+    """Cache who holds each block (off: every request asks the index for all its blocks)."""
     pod_mapping_ttl: Duration = msgspec.field(default=Duration(30.0), name="podMappingTTL")
+    """How long an answer read from the index is kept (the feed keeps it true meanwhile)."""
     max_pod_sets_per_block: int = 5
+    """Accepted for compatibility; owners are now cached per block for every pod, so candidate
+    sets no longer split the cache."""
     block_size: int = 256
-    """Characters of prompt text per prefix-store chunk."""
+    """Characters of prompt text per prefix-store chunk at most (chunks also end after each
+    added token, such as the end of a chat message)."""
     max_entries: int = 100_000
     """Text chunks kept (LRU); about 0.4 KB each, so ~40 MB at the default."""
-    max_pod_mappings: int = 50_000
-    """Prompts whose lookup result is kept (LRU); ~1-3 KB each for long prompts."""
+    max_prompts: int = 50_000
+    """Whole prompts whose block keys are kept (LRU); 8 bytes per block + ~0.2 KB each."""
+    max_pod_mappings: int = 200_000
+    """Blocks whose owners are kept (LRU), about 0.2 KB each (~45 MB at the default)."""
+    mirror: bool = False
+    """Load the whole index at start and keep it with the feed: a block not cached is held by
+    nobody, so the request path never waits on the index (until maxPodMappings is reached)."""
 
     def __post_init__(self) -> None:
         _positive("podMappingTTL", self.pod_mapping_ttl)
         for name, value in (("maxPodSetsPerBlock", self.max_pod_sets_per_block), ("blockSize", self.block_size),
-                            ("maxEntries", self.max_entries), ("maxPodMappings", self.max_pod_mappings)):
+                            ("maxEntries", self.max_entries), ("maxPrompts", self.max_prompts),
+                            ("maxPodMappings", self.max_pod_mappings)):
             _positive(name, value)
 
 

@@ -1,25 +1,38 @@
-"""Prompt -> per-pod matched prefix: tokenize, key the blocks, one index lookup.
+"""Prompt -> per-pod matched prefix: tokens, block keys, and who holds each block.
 
-With the prefix cache, a prompt whose lookup result is cached (full hit) skips both the
-tokenizer and Redis; one whose prefix text was seen (partial hit) tokenizes only the rest
-and asks Redis; a new one (miss) takes the full pipeline and is cached. Any error in the
-cache falls back to the full pipeline.
+With the prefix cache (the default), each stage asks only for what the replica does not
+already know:
+- the prompt was seen before (hit): its block keys come from the store, nothing is tokenized;
+- its prefix was seen (partial): the cached chunks give tokens and keys of the prefix, and
+  only the rest is tokenized, on the event loop when it is short;
+- nothing was seen (miss): the prompt is tokenized on a worker thread.
+In every case tokenizing stops once every block that can match (maxBlocksToMatch x
+blockSizeToHash tokens) is known. Block owners come from the block-owner cache, kept true by
+the invalidation feed; the index is asked only for the blocks the cache cannot answer for,
+and only while some candidate pod can still extend its run. Any error in the cache falls
+back to the full pipeline.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
-from .index import FEED_LOST, BlockIndex, Invalidation, PodTimes
-from .prefixcache import CachedPodMapping, CacheStats, PrefixCache, pod_set_hash
+from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
+from .prefixcache import CacheStats, PrefixCache, Tokenized
+from .prefixcache.store import INLINE_CHARS
 from .requests import RoutingRequest
-from .tokenization import TokenizerManager, encode, prompt_text
+from .tokenization import TokenizerManager, prompt_text
 
 log = logging.getLogger("extproc.indexer")
+
+FAST_PATH_MAX_CHARS = 64 * 1024
+"""Prompts up to this size are rendered and looked up on the event loop (well under 1 ms)."""
+
+ERROR_LOG_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -30,40 +43,9 @@ class PrefixMatch:
     timings: dict[str, float] = field(default_factory=dict)
     """stage -> seconds, for metrics and the per-decision debug line."""
     cache: str = "off"
-    """hit, partial, miss or off."""
-
-
-@dataclass(slots=True)
-class _Rendered:
-    """The prompt text vLLM would tokenize and its chunk hashes (last = the whole prompt)."""
-
-    text: str
-    add_special_tokens: bool
-    hashes: list[int]
-    block_hash: int
-
-
-@dataclass(slots=True)
-class _Prepared:
-    """What the tokenizer thread hands back to the event loop."""
-
-    outcome: str
-    tokens: list[int] | None = None
-    mapping: CachedPodMapping | None = None
-    block_hash: int | None = None
-    cached_tokens: int = 0
-    store: Callable[[], None] | None = None
-    """Caches the newly tokenized chunks; run after the decision, off the critical path."""
-
-
-FAST_PATH_MAX_CHARS = 64 * 1024
-"""Prompts up to this size are checked for a full hit on the event loop (well under 1 ms)."""
-
-
-def _rough_chars(request: RoutingRequest) -> int:
-    if request.prompt is not None:
-        return len(request.prompt)
-    return sum(len(m.get("content") or "") for m in request.messages or ())
+    """hit, partial, miss, error or off."""
+    degraded: bool = False
+    """The index could not answer for some blocks: matched on the cached owners alone."""
 
 
 def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
@@ -88,6 +70,12 @@ def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before:
     return matched
 
 
+def _rough_chars(request: RoutingRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.get("content") or "") for m in request.messages or ())
+
+
 class PromptTooLong(Exception):
     """Over limits.maxPromptTokens: routed by load, the engine judges the prompt itself."""
 
@@ -103,139 +91,195 @@ class Indexer:
     max_entry_age: float = 0.0
     cache: PrefixCache | None = None
     max_prompt_tokens: int = 1 << 30
+    _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
+
+    def keys(self, tokens: Sequence[int], parent: int | None = None, max_blocks: int | None = None) -> list[int]:
+        return block_keys(tokens, self.block_size, self.max_blocks if max_blocks is None else max_blocks,
+                          self.scheme, parent)
 
     def _check_length(self, tokens: int) -> None:
         if tokens > self.max_prompt_tokens:
-            raise PromptTooLong(f"prompt of {tokens} tokens is over maxPromptTokens ({self.max_prompt_tokens})")
-
-    def keys(self, tokens: Sequence[int]) -> list[int]:
-        return block_keys(tokens, self.block_size, self.max_blocks, self.scheme)
+            raise PromptTooLong(f"prompt of about {tokens} tokens is over maxPromptTokens ({self.max_prompt_tokens})")
 
     async def get_pod_scores(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
-        if request.token_ids is not None:
-            self._check_length(len(request.token_ids))
-        if self.cache is None or request.token_ids is not None:
-            return await self._uncached(request, pod_ids)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        set_hash = pod_set_hash(pod_ids)
-        prepared, rendered = self._try_hit_here(request, set_hash)
-        if prepared is None:
-            prepared = await self.tokenizers.run(request.model, self._prepare, request, set_hash, rendered)
-        t1 = time.perf_counter()
-        timings["tokenize"] = t1 - t0
-        if prepared.mapping is not None:
-            self._check_length(prepared.mapping.total_tokens)
-            keys = prepared.mapping.kv_block_keys
-            hits: list[PodTimes] = [prepared.mapping.key_to_pods.get(k, {}) for k in keys]
-            log.debug("CACHE HIT blocks=%d hit_keys=%d", len(keys), len(prepared.mapping.hit_keys))
-        else:
-            assert prepared.tokens is not None
-            self._check_length(len(prepared.tokens))
-            keys = self.keys(prepared.tokens)
-            t2 = time.perf_counter()
-            timings["hash"] = t2 - t1
-            epoch = self.cache.mappings.epoch()
-            hits = await self.index.lookup(request.model, keys) if keys else []
+        fill: Callable[[], None] | None = None
+        if request.token_ids is not None:
+            self._check_length(len(request.token_ids))
+            keys, outcome = self.keys(request.token_ids), "off"
+            timings["hash"] = time.perf_counter() - t0
+        elif self.cache is None:
+            tokens = await self.tokenizers.tokenize(request)
             t1 = time.perf_counter()
-            timings["lookup"] = t1 - t2
-            debug = log.isEnabledFor(logging.DEBUG)
-            if debug:
-                log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", prepared.outcome,
-                          len(prepared.tokens), prepared.cached_tokens, len(keys))
-            if prepared.block_hash is not None and self.cache.mappings.cache_pod_mappings(
-                prepared.block_hash, pod_ids, keys, hits, since_epoch=epoch, total_tokens=len(prepared.tokens)
-            ) and debug:
-                log.debug("CACHED tokens=%d keys=%d hit_keys=%d", len(prepared.tokens), len(keys),
-                          sum(1 for h in hits if h))
-        self.cache.record(prepared.outcome)
+            timings["tokenize"] = t1 - t0
+            self._check_length(len(tokens))
+            keys, outcome = self.keys(tokens), "off"
+            timings["hash"] = time.perf_counter() - t1
+        else:
+            try:
+                result, outcome, total = await self._tokenized(request)
+            except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
+                self._log_cache_error()
+                tokens = await self.tokenizers.tokenize(request)
+                result, outcome, total = Tokenized(self.keys(tokens), len(tokens), False, 0, 0), "error", len(tokens)
+            timings["tokenize"] = time.perf_counter() - t0
+            self._check_length(total)
+            keys, fill = result.keys, result.fill
+            self.cache.record(outcome)
+            if log.isEnabledFor(logging.DEBUG):
+                if outcome == "hit":
+                    log.debug("CACHE HIT blocks=%d", len(keys))
+                else:
+                    log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", outcome, result.tokens,
+                              result.cached_tokens, len(keys))
+        if fill is not None:
+            # Filling the prefix store waits until the decision is made: it is for later requests
+            # (even when the index fails below: the tokens are right either way).
+            self.tokenizers.background(self._fill, fill)
+        t2 = time.perf_counter()
+        hits, degraded = await self._owners(request.model, keys, pod_ids)
+        t3 = time.perf_counter()
+        timings["lookup"] = t3 - t2
         matched = matched_prefix(hits, pod_ids, self._not_before())
-        timings["score"] = time.perf_counter() - t1
-        if prepared.store is not None:
-            # Filling the prefix store waits until the decision is made: it is for later requests.
-            self.tokenizers.background(self._store, prepared.store)
-        return PrefixMatch(matched, len(keys), timings, prepared.outcome)
+        timings["score"] = time.perf_counter() - t3
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded)
 
-    def _try_hit_here(self, request: RoutingRequest, set_hash: int) -> tuple[_Prepared | None, _Rendered | None]:
-        """A full hit needs no tokenizing: render and hash on the event loop (tens of
-        microseconds for ordinary prompts) and skip the hop to a worker thread. On a miss the
-        rendering is handed to the worker, not done twice."""
-        tokenizer = self.tokenizers.peek(request.model)
-        if tokenizer is None or _rough_chars(request) > FAST_PATH_MAX_CHARS:
-            return None, None
-        try:
-            rendered = self._render(tokenizer, request)
-            mapping = self.cache.mappings.get_mapping(rendered.block_hash, set_hash)
-        except Exception:  # noqa: BLE001 - the worker path will retry and fall back
-            return None, None
-        if mapping is None:
-            return None, rendered
-        return _Prepared("hit", mapping=mapping, block_hash=rendered.block_hash), None
-
-    def _render(self, tokenizer, request: RoutingRequest) -> _Rendered:
+    async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
+        """(keys and counts, cache outcome, estimated prompt tokens), through the prefix store."""
+        assert self.cache is not None
+        store = self.cache.store
+        tokenizer = self.tokenizers.peek(request.model) or await self.tokenizers.get(request.model)
+        if _rough_chars(request) > FAST_PATH_MAX_CHARS:
+            # Rendering a long prompt is work for a worker thread, not the event loop.
+            return await self.tokenizers.run(request.model, self._prepare, request)
         text, add_special_tokens = prompt_text(tokenizer, request)
-        hashes, block_hash = self.cache.store.chunk_hashes(text, request.model, add_special_tokens)
-        return _Rendered(text, add_special_tokens, hashes, block_hash)
+        key = store.prompt_key(text, request.model, add_special_tokens)
+        known = store.get_prompt(key)
+        if known is not None:
+            return known, "hit", known.estimated_total(len(text))
+        plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
+        if plan.to_encode <= INLINE_CHARS:
+            result = store.finish(plan)
+        else:
+            result = await self.tokenizers.run(request.model, _finish, store, plan)
+        store.put_prompt(key, result)
+        return result, "partial" if plan.run.tokens else "miss", result.estimated_total(len(text))
 
-    def _prepare(self, tokenizer, request: RoutingRequest, set_hash: int, rendered: _Rendered | None) -> _Prepared:
-        """On a tokenizer thread: render, look in the cache, tokenize what it lacks."""
-        cache = self.cache
-        assert cache is not None
+    def _prepare(self, tokenizer, request: RoutingRequest) -> tuple[Tokenized, str, int]:
+        """On a tokenizer thread: the same steps for a long prompt."""
+        assert self.cache is not None
+        store = self.cache.store
+        text, add_special_tokens = prompt_text(tokenizer, request)
+        key = store.prompt_key(text, request.model, add_special_tokens)
+        known = store.get_prompt(key)
+        if known is not None:
+            return known, "hit", known.estimated_total(len(text))
+        plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
+        result = store.finish(plan)
+        store.put_prompt(key, result)
+        return result, "partial" if plan.run.tokens else "miss", result.estimated_total(len(text))
+
+    async def _owners(self, model: str, keys: list[int], pod_ids: Sequence[str]) -> tuple[list[PodTimes], bool]:
+        """Who holds each block, from the block-owner cache; the index only for what it cannot
+        answer, and only while a candidate pod can still extend its run. (owners, degraded):
+        when the index fails but the cache knows a run for some candidate, that run decides."""
+        if not keys:
+            return [], False
+        owners = self.cache.owners if self.cache is not None else None
+        if owners is None or not owners.enabled or getattr(self.index, "local", False):
+            return await self.index.lookup(model, keys), False
+        known = owners.get(model, keys)
+        not_before = self._not_before()
+        active = list(pod_ids)
+        for depth, holders in enumerate(known):
+            if holders is None:
+                break
+            active = [p for p in active if p in holders and holders[p] >= not_before]
+            if not active:
+                return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
+        else:
+            return known, False  # type: ignore[return-value]
+        ask = [i for i in range(depth, len(keys)) if known[i] is None]
+        epoch = owners.epoch()
         try:
-            if rendered is None:
-                rendered = self._render(tokenizer, request)
-                mapping = cache.mappings.get_mapping(rendered.block_hash, set_hash)
-                if mapping is not None:
-                    return _Prepared("hit", mapping=mapping, block_hash=rendered.block_hash)
-            tokens, cached, store = cache.store.tokenize_deferred(
-                tokenizer, rendered.text, request.model, add_special_tokens=rendered.add_special_tokens,
-                hashes=rendered.hashes,
-            )
-            outcome = "partial" if cached.tokens else "miss"
-            return _Prepared(outcome, tokens, None, rendered.block_hash, len(cached.tokens), store)
-        except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
-            log.exception("prefix cache failed; using the full pipeline")
-            text, add_special_tokens = prompt_text(tokenizer, request)
-            return _Prepared("error", encode(tokenizer, text, add_special_tokens=add_special_tokens))
+            answers = await self.index.lookup(model, [keys[i] for i in ask])
+        except IndexUnavailable:
+            if depth:
+                return known[:depth], True  # type: ignore[return-value]
+            raise
+        refused = owners.learn(model, [keys[i] for i in ask], answers, since_epoch=epoch)
+        log.debug("CACHED blocks=%d asked=%d refused=%d", len(keys), len(ask), len(refused))
+        for i, answer in zip(ask, answers):
+            known[i] = answer
+        return known, False  # type: ignore[return-value]
 
     @staticmethod
-    def _store(store: Callable[[], None]) -> None:
+    def _fill(fill: Callable[[], None]) -> None:
         try:
-            store()
+            fill()
         except Exception:  # noqa: BLE001 - losing a cache fill only costs a later tokenize
             log.exception("prefix store fill failed")
 
-    async def _uncached(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        tokens = await self.tokenizers.tokenize(request)
-        t1 = time.perf_counter()
-        self._check_length(len(tokens))
-        keys = self.keys(tokens)
-        t2 = time.perf_counter()
-        hits = await self.index.lookup(request.model, keys) if keys else []
-        t3 = time.perf_counter()
-        matched = matched_prefix(hits, pod_ids, self._not_before())
-        t4 = time.perf_counter()
-        timings.update(tokenize=t1 - t0, hash=t2 - t1, lookup=t3 - t2, score=t4 - t3)
-        return PrefixMatch(matched, len(keys), timings)
+    def _log_cache_error(self) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.exception("prefix cache failed; using the full pipeline (repeats suppressed for %.0fs)",
+                          ERROR_LOG_INTERVAL)
 
     def _not_before(self) -> float:
         return time.time() - self.max_entry_age if self.max_entry_age else 0.0
 
     # -- cache maintenance -----------------------------------------------------------
 
-    def invalidate_cache_for_kv_events(self, keys: Iterable[int]) -> int:
-        return self.cache.mappings.invalidate_pod_mappings_for_keys(keys) if self.cache is not None else 0
-
     def on_invalidation(self, message: Invalidation) -> None:
         """Listener for the index's invalidation feed (every store and removal, any pod)."""
-        if self.cache is None:
-            return
-        if message.pod == FEED_LOST:
-            self.cache.mappings.invalidate_all()  # changes may have been missed: trust nothing cached
-            return
-        self.invalidate_cache_for_kv_events([key for _, key in message.removed] + [key for _, key in message.stored])
+        if self.cache is not None:
+            self.cache.owners.apply(message)
+
+    async def load_mirror(self) -> bool:
+        """Load every block of the index into the owner cache (mirror mode); True once complete."""
+        assert self.cache is not None
+        owners = self.cache.owners
+        epoch = owners.begin_load()
+        retry: list[tuple[str, int]] = []
+        async for model, keys, answers in self.index.scan_blocks():
+            retry += [(model, key) for key in owners.mirror_learn(model, keys, answers, epoch)]
+        for _ in range(10):
+            changed = owners.end_load()
+            if changed is None:
+                return False
+            todo = sorted(set(changed) | set(retry))
+            if not todo:
+                return owners.finish_load()
+            epoch, retry = owners.epoch(), []
+            for model, keys in _by_model(todo).items():
+                answers = await self.index.lookup(model, keys)
+                retry += [(model, key) for key in owners.mirror_learn(model, keys, answers, epoch)]
+        log.warning("block owner mirror: the index kept changing under the load; answering per block meanwhile")
+        return False
 
     def get_cache_stats(self) -> CacheStats:
         return self.cache.get_cache_stats() if self.cache is not None else CacheStats()
+
+
+def _finish(tokenizer, store, plan) -> Tokenized:
+    return store.finish(plan)
+
+
+def _by_model(refs: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for model, key in refs:
+        grouped.setdefault(model, []).append(key)
+    return grouped
+
+
+def build_cache(config, *, block_size: int, max_blocks: int, scheme: HashScheme) -> PrefixCache:
+    def keyer(tokens: Sequence[int], parent: int | None, blocks: int) -> list[int]:
+        return block_keys(tokens, block_size, blocks, scheme, parent)
+
+    return PrefixCache(config, block_size=block_size, max_blocks=max_blocks, keyer=keyer)
+
+
+__all__ = ["FEED_LOST", "Indexer", "PrefixMatch", "PromptTooLong", "build_cache", "matched_prefix"]

@@ -99,12 +99,18 @@ class _CacheCollector(Collector):
     def collect(self):
         s = self._get_stats()
         yield GaugeMetricFamily("kv_extproc_prefix_cache_entries", "Text chunks in the prefix store.", value=s.entries)
-        yield GaugeMetricFamily("kv_extproc_prefix_cache_pod_mappings", "Cached pod mappings.", value=s.mappings)
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_prompts", "Whole prompts whose block keys are cached.",
+                                value=s.prompts)
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_block_owners", "Blocks whose owners are cached.",
+                                value=s.owners)
+        yield GaugeMetricFamily("kv_extproc_prefix_cache_mirror_complete",
+                                "1 while the owner cache holds the whole index (mirror mode).",
+                                value=1.0 if s.mirror_complete else 0.0)
         yield GaugeMetricFamily("kv_extproc_prefix_cache_memory_bytes", "Estimated memory of the cache.",
                                 value=s.memory_bytes)
         yield CounterMetricFamily("kv_extproc_prefix_cache_evictions", "Entries evicted (LRU).", value=s.evictions)
-        yield CounterMetricFamily("kv_extproc_prefix_cache_invalidations",
-                                  "Pod mappings dropped because a block changed.", value=s.invalidations)
+        yield CounterMetricFamily("kv_extproc_prefix_cache_feed_updates",
+                                  "Cached block owners changed by the invalidation feed.", value=s.updates)
 
 
 class _PodCollector(Collector):

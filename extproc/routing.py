@@ -84,6 +84,9 @@ class Router:
             candidates = self.profile.filter(request, self.pool.serving(request.model)) or self.pool.healthy()
             if not candidates:
                 return None
+        if match.degraded:
+            self.metrics.index_errors.inc()
+            self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
         decision = self.profile.decide(Context(request, match.matched, match.total_blocks), candidates)
         elapsed = time.perf_counter() - started
         for stage, seconds in match.timings.items():

@@ -13,7 +13,7 @@ so serve replicas can drop cached mappings that are no longer true.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,11 +68,22 @@ class Writes:
     def __bool__(self) -> bool:
         return bool(self.stored or self.removed or self.engine_put or self.engine_del)
 
+    def invalidation(self, pod: str) -> Invalidation:
+        stored = sorted(self.stored)
+        return Invalidation(pod, sorted(self.removed), stored, stored_at=[self.stored[ref] for ref in stored])
+
 
 class BlockIndex(Protocol):
+    local: bool
+    """True when lookups are in-process reads (nothing to gain from caching them)."""
+
     # Read side (the request path).
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         """For each key in order, the pods holding that block (empty dict when none)."""
+        ...
+
+    def scan_blocks(self, batch: int = 1000) -> AsyncIterator[tuple[str, list[int], list[PodTimes]]]:
+        """Every block, a batch at a time: (model, keys, owners); loads a replica's mirror."""
         ...
 
     async def ping(self) -> None: ...

@@ -4,8 +4,9 @@ Every index write that adds a pod to a block or removes it is announced, so serv
 can drop cached lookups that are no longer true. On Redis the message goes to channel
 ``{metaPrefix}invalidate`` as msgpack; the memory backend calls its listeners directly.
 
-Wire format: a msgpack array ``[pod, removed, stored, cleared]`` where ``removed`` and
-``stored`` are arrays of ``[model, block key]``. Compatibility rule: fields are only ever
+Wire format: a msgpack array ``[pod, removed, stored, cleared, stored_at]`` where ``removed``
+and ``stored`` are arrays of ``[model, block key]`` and ``stored_at`` the unix seconds of each
+stored block (so a replica can keep the entry as the index has it). Compatibility rule: fields are only ever
 appended, each with a default, so a replica of an older release reads a newer message (the
 extra fields are ignored) and a newer replica reads an older one (the defaults apply).
 """
@@ -25,6 +26,8 @@ class Invalidation(msgspec.Struct, array_like=True, frozen=True):
     stored: list[tuple[str, int]] = []
     cleared: bool = False
     """Everything of the pod was dropped (purge, AllBlocksCleared)."""
+    stored_at: list[float] = []
+    """Unix seconds of each ``stored`` block (empty from senders older than this field)."""
 
 
 InvalidationListener = Callable[[Invalidation], None]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from . import BlockRef, Invalidation, InvalidationListener, PodTimes, Writes
 
 
 class MemoryIndex:
+    local = True
+    """Lookups are dictionary reads: nothing to gain from caching them."""
+
     def __init__(self) -> None:
         self._blocks: dict[BlockRef, PodTimes] = {}
         self._held: dict[str, set[BlockRef]] = {}
@@ -17,6 +20,15 @@ class MemoryIndex:
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         blocks = self._blocks
         return [dict(blocks.get((model, key), ())) for key in keys]
+
+    async def scan_blocks(self, batch: int = 1000) -> AsyncIterator[tuple[str, list[int], list[PodTimes]]]:
+        by_model: dict[str, list[int]] = {}
+        for model, key in list(self._blocks):
+            by_model.setdefault(model, []).append(key)
+        for model, keys in by_model.items():
+            for start in range(0, len(keys), batch):
+                chunk = keys[start:start + batch]
+                yield model, chunk, await self.lookup(model, chunk)
 
     async def ping(self) -> None:
         return None
@@ -37,7 +49,7 @@ class MemoryIndex:
         for eid in writes.engine_del:
             engine.pop(eid, None)
         if writes.removed or writes.stored:
-            self._announce(Invalidation(pod, sorted(writes.removed), sorted(writes.stored)))
+            self._announce(writes.invalidation(pod))
 
     def _drop(self, ref: BlockRef, pod: str) -> None:
         holders = self._blocks.get(ref)

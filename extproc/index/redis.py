@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -49,6 +49,9 @@ def redact(url: str) -> str:
 
 
 class RedisIndex:
+    local = False
+    """Lookups cross the network: worth caching per block."""
+
     def __init__(self, client: aioredis.Redis, *, key_prefix: str, meta_prefix: str, timeout: float):
         self._client = client
         self._prefix = key_prefix
@@ -120,6 +123,26 @@ class RedisIndex:
         replies = await self._run(pipe)
         return [{pod.decode(): float(at) for pod, at in reply.items()} for reply in replies]
 
+    async def scan_blocks(self, batch: int = 1000) -> AsyncIterator[tuple[str, list[int], list[PodTimes]]]:
+        """Every block in the index, a batch at a time: (model, keys, owners). For loading a mirror."""
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self._prefix) + "*"
+        cursor = 0
+        while True:
+            cursor, names = await self._ask(self._client.scan(cursor, match=pattern, count=batch), WRITE_TIMEOUT)
+            refs: dict[str, list[int]] = {}
+            for name in names:
+                model, _, key = name.decode()[len(self._prefix):].rpartition("@")
+                if model and key.isdigit():
+                    refs.setdefault(model, []).append(int(key))
+            for model, keys in refs.items():
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hgetall(self._block(model, key))
+                replies = await self._run(pipe, WRITE_TIMEOUT)
+                yield model, keys, [{pod.decode(): float(at) for pod, at in reply.items()} for reply in replies]
+            if cursor == 0:
+                return
+
     async def ping(self) -> None:
         pipe = self._client.pipeline(transaction=False)
         pipe.ping()
@@ -145,7 +168,7 @@ class RedisIndex:
         if writes.stored or writes.engine_put:
             pipe.sadd(f"{self._meta}pods", pod)
         if writes.stored or writes.removed:
-            message = Invalidation(pod, sorted(writes.removed), sorted(writes.stored))
+            message = writes.invalidation(pod)
             pipe.publish(self._channel, invalidation.encode(message))
         await self._run(pipe, WRITE_TIMEOUT)
 

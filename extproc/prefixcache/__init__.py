@@ -1,64 +1,64 @@
-"""The prefix cache: repeated prefixes skip tokenizing and the index.
+"""The prefix cache: what this replica remembers so a prompt it has seen a prefix of is cheap.
 
-Two caches with one job each (and a lock each): the prefix store (``store.py``: text chunks
--> tokens) and the pod-mapping cache (``mappings.py``: prompt -> block keys and their
-owners). ``PrefixCache`` holds both and the hit counters.
+Two caches with one job each (and a lock each):
+- the prefix store (``store.py``): prompt text -> tokens and block keys, per chunk of a
+  prefix and per whole prompt, so known text is neither tokenized nor hashed again;
+- block owners (``mappings.py``): block -> the pods holding it, kept true by the index's
+  invalidation feed, so the index is asked only for blocks this replica cannot answer for.
+``PrefixCache`` holds both and the outcome counters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import PrefixStoreConfig
-from .mappings import CachedPodMapping, PodMappingCache, pod_set_hash
-from .store import CachedTokens, PrefixStore, Splitter
+from .mappings import BlockOwners
+from .store import Keyer, PrefixStore, Run, Splitter, Tokenized
 
-__all__ = ["CacheStats", "CachedPodMapping", "CachedTokens", "PodMappingCache", "PrefixCache", "PrefixStore",
-           "Splitter", "pod_set_hash"]
+__all__ = ["BlockOwners", "CacheStats", "PrefixCache", "PrefixStore", "Run", "Splitter", "Tokenized"]
 
 
 @dataclass(slots=True)
 class CacheStats:
     entries: int = 0
-    mappings: int = 0
+    """Text chunks in the prefix store."""
+    prompts: int = 0
+    owners: int = 0
+    """Blocks whose owners are cached."""
     hits: int = 0
     partial_hits: int = 0
     misses: int = 0
     evictions: int = 0
-    invalidations: int = 0
+    updates: int = 0
+    """Cached block entries changed by the invalidation feed."""
     memory_bytes: int = 0
+    mirror_complete: bool = False
 
 
 class PrefixCache:
-    def __init__(self, config: PrefixStoreConfig | None = None):
-        config = config or PrefixStoreConfig()
-        self.store = PrefixStore(config)
-        self.mappings = PodMappingCache(config)
+    def __init__(self, config: PrefixStoreConfig, *, block_size: int, max_blocks: int, keyer: Keyer):
+        self.store = PrefixStore(config, block_size=block_size, max_blocks=max_blocks, keyer=keyer)
+        self.owners = BlockOwners(config)
         self._outcomes = {"hit": 0, "partial": 0, "miss": 0}
         """Decisions by outcome; counted on the event loop only."""
-
-    def find_longest_contained_tokens_with_pod_mappings(
-        self, prompt: str, model: str, pod_ids: Sequence[str], *, add_special_tokens: bool = False
-    ) -> tuple[CachedTokens, CachedPodMapping | None]:
-        """Full hit: tokens and the mapping. Partial: tokens only. Miss: nothing cached."""
-        hashes, last = self.store.chunk_hashes(prompt, model, add_special_tokens)
-        cached = self.store.find_longest_contained_tokens(prompt, model, hashes=hashes)
-        return cached, self.mappings.get_mapping(last, pod_set_hash(pod_ids))
 
     def record(self, outcome: str) -> None:
         key = outcome if outcome in ("hit", "partial") else "miss"
         self._outcomes[key] += 1
 
     def get_cache_stats(self) -> CacheStats:
-        mappings, mapping_bytes = self.mappings.size()
+        """O(1): read at every Prometheus scrape."""
+        owners, owner_bytes = self.owners.size()
         return CacheStats(
             entries=len(self.store),
-            mappings=mappings,
+            prompts=self.store.prompts,
+            owners=owners,
             hits=self._outcomes["hit"],
             partial_hits=self._outcomes["partial"],
             misses=self._outcomes["miss"],
-            evictions=self.store.evictions + self.mappings.evictions,
-            invalidations=self.mappings.invalidations,
-            memory_bytes=self.store.memory_bytes + mapping_bytes,
+            evictions=self.store.evictions + self.owners.evictions,
+            updates=self.owners.updates,
+            memory_bytes=self.store.memory_bytes + owner_bytes,
+            mirror_complete=self.owners.complete,
         )

@@ -1,181 +1,209 @@
-"""Pod-mapping cache: a prompt's index lookup result (its block keys and who holds them), so
-a repeated prompt skips the tokenizer and the index.
+"""Block owners: who holds each block, remembered per block and kept true by the invalidation feed.
 
-A result is kept under the hash of the prompt's last text block (prefix store chunks) and of
-the candidate pod set, for ``podMappingTTL``. Every index change the ingester announces
-(stored or removed) drops the mappings that contain the block, so a cached mapping never
-hides a pod that just stored a prefix nor keeps one that lost it; a result whose lookup was
-in flight while one of its blocks changed is never cached (epochs).
+A prompt whose prefix was seen asks the index only for blocks this replica cannot answer for.
+Entries come from index answers (including "nobody holds it"); every change the ingester
+announces (a pod stored or lost a block) updates the entry in place, so a cached answer
+never hides a pod that just stored a block nor keeps one that lost it. A lookup whose index
+answer was in flight while one of its blocks changed is not kept (per-key epochs), and a lost
+feed drops everything.
 
-Thread-safe (its own lock): the event loop, tokenizer threads and the invalidation feed share it.
+Mirror mode (``prefixStoreConfig.mirror``): the whole index is loaded at start (and again after
+a lost feed), so a block missing here is held by nobody and the index is never asked on the
+request path. It stays *complete* while the entry bound is not reached; at the bound the
+least recently used blocks are dropped and the cache answers for what it still holds, asking
+the index for the rest (like a plain per-block cache).
+
+Cost of every operation: O(blocks it names). Thread-safe (its own lock).
 """
 
 from __future__ import annotations
 
-import hashlib
-import sys
+import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from ..config import PrefixStoreConfig
-from ..index import PodTimes
+from ..index import FEED_LOST, Invalidation, PodTimes
 
-_ENTRY_OVERHEAD = 200
-"""Bytes per cached mapping besides its keys (dict slots, objects); for the estimate."""
+log = logging.getLogger("extproc.prefixcache")
 
-ChunkHash = int
+BlockRef = tuple[str, int]
+_Owners = tuple  # ((pod, stored_at), ...): untracked by the garbage collector, unlike a dict
 
+_ENTRY_BYTES = 220
+"""Estimated bytes per entry (ordered-dict slot, key tuple, owner tuples); for the memory gauge."""
 
-@dataclass(slots=True)
-class CachedPodMapping:
-    kv_block_keys: list[int]
-    hit_keys: frozenset[int]
-    key_to_pods: dict[int, PodTimes]
-    cached_at: float
-    pod_set_hash: int
-    total_tokens: int = 0
+NEVER = float("inf")
 
 
-def pod_set_hash(pod_ids: Iterable[str]) -> int:
-    """Deterministic across processes (unlike hash()), independent of order."""
-    digest = hashlib.blake2b("\0".join(sorted(pod_ids)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-class PodMappingCache:
+class BlockOwners:
     def __init__(self, config: PrefixStoreConfig):
         self.config = config
-        self._lock = threading.RLock()
-        self._mappings: OrderedDict[ChunkHash, OrderedDict[int, CachedPodMapping]] = OrderedDict()
-        self._by_key: dict[int, tuple[ChunkHash, ...]] = {}
-        """block key -> prompts whose mapping holds it; tuples of ints, which the garbage
-        collector stops tracking (a set per key made full collections pause for tens of ms)."""
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[BlockRef, tuple[float, _Owners]] = OrderedDict()
+        """block -> (monotonic time the answer expires, owners)."""
         self._epoch = 0
-        self._invalidated_at: OrderedDict[int, int] = OrderedDict()
-        self._forgotten_epoch = -1
-        """Newest epoch among changes no longer remembered per key."""
+        self._changed_at: OrderedDict[BlockRef, int] = OrderedDict()
+        """block -> epoch of its last announced change (bounded; see _forgotten)."""
+        self._forgotten = -1
+        """Newest epoch among changes no longer remembered per block."""
+        self.complete = False
+        """Every block of the index is here (mirror loaded, nothing evicted since, feed intact)."""
+        self._loading: set[BlockRef] | None = None
+        """While a mirror load runs: blocks announced meanwhile, read again once it ends."""
         self.evictions = 0
-        self.invalidations = 0
+        self._evictions_at_load = 0
+        self.updates = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enable_pod_mapping_cache
 
     def epoch(self) -> int:
-        """Take before asking the index; cache_pod_mappings refuses results older than a change."""
+        """Take before asking the index; ``learn`` refuses answers older than a change."""
         return self._epoch
 
-    def get_mapping(self, block_hash: ChunkHash, set_hash: int) -> CachedPodMapping | None:
-        if not self.config.enable_pod_mapping_cache:
-            return None
+    def get(self, model: str, keys: Sequence[int]) -> list[PodTimes | None]:
+        """For each key, its owners, or None when this cache cannot answer for it."""
+        if not self.enabled:
+            return [None] * len(keys)
+        now = time.monotonic()
+        found: list[PodTimes | None] = []
+        entries = self._entries
         with self._lock:
-            by_set = self._mappings.get(block_hash)
-            mapping = by_set.get(set_hash) if by_set else None
-            if mapping is None:
-                return None
-            if time.monotonic() - mapping.cached_at > self.config.pod_mapping_ttl:
-                self._drop_mapping(block_hash, set_hash)
-                return None
-            self._mappings.move_to_end(block_hash)
-            return mapping
-
-    def cache_pod_mappings(self, block_hash: ChunkHash, pod_ids: Sequence[str], kv_block_keys: Sequence[int],
-                           hits: Sequence[PodTimes], *, since_epoch: int, total_tokens: int = 0) -> bool:
-        """Keep a lookup result, unless a change to one of its blocks arrived since ``since_epoch``."""
-        if not self.config.enable_pod_mapping_cache:
-            return False
-        set_hash = pod_set_hash(pod_ids)
-        key_to_pods = {key: dict(pods) for key, pods in zip(kv_block_keys, hits) if pods}
-        mapping = CachedPodMapping(list(kv_block_keys), frozenset(key_to_pods), key_to_pods, time.monotonic(),
-                                   set_hash, total_tokens)
-        with self._lock:
-            if self._forgotten_epoch > since_epoch:
-                return False  # too many changes since to tell which blocks they touched
-            if any(self._invalidated_at.get(key, -1) > since_epoch for key in kv_block_keys):
-                return False
-            by_set = self._mappings.setdefault(block_hash, OrderedDict())
-            if set_hash in by_set:
-                self._drop_mapping(block_hash, set_hash)
-                by_set = self._mappings.setdefault(block_hash, OrderedDict())
-            by_set[set_hash] = mapping
-            for key in kv_block_keys:
-                owners = self._by_key.get(key, ())
-                if block_hash not in owners:
-                    self._by_key[key] = owners + (block_hash,)
-            while len(by_set) > self.config.max_pod_sets_per_block:
-                self._drop_mapping(block_hash, next(iter(by_set)))
-            while len(self._mappings) > self.config.max_pod_mappings:
-                oldest = next(iter(self._mappings))
-                for s in list(self._mappings[oldest]):
-                    self._drop_mapping(oldest, s)
-                self.evictions += 1
-        return True
-
-    def _drop_mapping(self, block_hash: ChunkHash, set_hash: int) -> None:
-        by_set = self._mappings.get(block_hash)
-        if not by_set or set_hash not in by_set:
-            return
-        mapping = by_set.pop(set_hash)
-        if not by_set:
-            del self._mappings[block_hash]
-        still = {k for m in by_set.values() for k in m.kv_block_keys} if by_set else set()
-        for key in mapping.kv_block_keys:
-            if key in still:
-                continue
-            owners = self._by_key.get(key)
-            if owners is not None and block_hash in owners:
-                rest = tuple(h for h in owners if h != block_hash)
-                if rest:
-                    self._by_key[key] = rest
-                else:
-                    del self._by_key[key]
-
-    def invalidate_pod_mappings_for_keys(self, keys: Iterable[int]) -> int:
-        """Drop every mapping containing one of the keys; returns how many were dropped."""
-        dropped = 0
-        with self._lock:
-            self._epoch += 1
-            remembered = max(1024, self.config.max_pod_mappings)
+            complete = self.complete
             for key in keys:
-                self._invalidated_at[key] = self._epoch
-                self._invalidated_at.move_to_end(key)
-                for block_hash in list(self._by_key.get(key, ())):
-                    for set_hash in list(self._mappings.get(block_hash, {})):
-                        self._drop_mapping(block_hash, set_hash)
-                        dropped += 1
-            while len(self._invalidated_at) > remembered:
-                _, epoch = self._invalidated_at.popitem(last=False)
-                self._forgotten_epoch = max(self._forgotten_epoch, epoch)
-            self.invalidations += dropped
-        return dropped
+                ref = (model, key)
+                entry = entries.get(ref)
+                if entry is None:
+                    found.append({} if complete else None)
+                elif entry[0] < now:
+                    del entries[ref]
+                    found.append(None)
+                else:
+                    entries.move_to_end(ref)
+                    found.append(dict(entry[1]))
+        return found
 
-    def invalidate_all(self) -> int:
+    def learn(self, model: str, keys: Sequence[int], answers: Sequence[PodTimes], *, since_epoch: int,
+              ttl: float | None = None) -> list[int]:
+        """Keep index answers read after ``since_epoch``; returns the keys refused because a change
+        to them was announced meanwhile (their answers may be stale)."""
+        if not self.enabled:
+            return []
+        expires = time.monotonic() + (self.config.pod_mapping_ttl if ttl is None else ttl)
+        refused = []
+        with self._lock:
+            if self._forgotten > since_epoch:
+                return list(keys)  # too many changes since to tell which blocks they touched
+            for key, owners in zip(keys, answers):
+                ref = (model, key)
+                if self._changed_at.get(ref, -1) > since_epoch:
+                    refused.append(key)
+                    continue
+                self._entries[ref] = (expires, tuple(owners.items()))
+                self._entries.move_to_end(ref)
+            self._evict()
+        return refused
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.config.max_pod_mappings:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+            if self.complete:
+                self.complete = False
+                log.warning("block owner mirror reached maxPodMappings (%d): dropping the least recently used "
+                            "blocks; lookups ask the index for what is not cached", self.config.max_pod_mappings)
+
+    def apply(self, message: Invalidation) -> None:
+        """An announced change (any pod, any replica's ingester): update the blocks it names."""
+        if message.pod == FEED_LOST:
+            self.clear()
+            return
+        stored_at = message.stored_at or [time.time()] * len(message.stored)
         with self._lock:
             self._epoch += 1
-            count = sum(len(v) for v in self._mappings.values())
-            self._mappings.clear()
-            self._by_key.clear()
-            self._invalidated_at.clear()
-            self._forgotten_epoch = self._epoch
-            self.invalidations += count
+            epoch = self._epoch
+            remembered = max(1024, self.config.max_pod_mappings)
+            for ref in message.removed:
+                self._mark(ref, epoch)
+                entry = self._entries.get(ref)
+                if entry is not None:
+                    self._entries[ref] = (entry[0], tuple(p for p in entry[1] if p[0] != message.pod))
+            for ref, at in zip(message.stored, stored_at):
+                self._mark(ref, epoch)
+                entry = self._entries.get(ref)
+                if entry is not None:
+                    owners = tuple(p for p in entry[1] if p[0] != message.pod) + ((message.pod, at),)
+                    self._entries[ref] = (entry[0], owners)
+                elif self.complete:
+                    self._entries[ref] = (NEVER, ((message.pod, at),))
+            while len(self._changed_at) > remembered:
+                _, old = self._changed_at.popitem(last=False)
+                self._forgotten = max(self._forgotten, old)
+            self.updates += len(message.removed) + len(message.stored)
+            self._evict()
+
+    def _mark(self, ref: BlockRef, epoch: int) -> None:
+        self._changed_at[ref] = epoch
+        self._changed_at.move_to_end(ref)
+        if self._loading is not None:
+            self._loading.add(ref)
+
+    def clear(self) -> int:
+        """Trust nothing cached (the feed was lost: changes may have been missed)."""
+        with self._lock:
+            self._epoch += 1
+            count = len(self._entries)
+            self._entries.clear()
+            self._changed_at.clear()
+            self._forgotten = self._epoch
+            self.complete = False
+            if self._loading is not None:
+                self._loading = None  # a load in progress can no longer finish complete
             return count
 
-    def cleanup_expired_mappings(self) -> int:
-        now = time.monotonic()
-        removed = 0
+    # -- mirror -------------------------------------------------------------------------
+
+    def begin_load(self) -> int:
+        """Start a mirror load; returns the epoch to pass to ``learn``."""
         with self._lock:
-            for block_hash, by_set in list(self._mappings.items()):
-                for set_hash, mapping in list(by_set.items()):
-                    if now - mapping.cached_at > self.config.pod_mapping_ttl:
-                        self._drop_mapping(block_hash, set_hash)
-                        removed += 1
-        return removed
+            self._loading = set()
+            self._evictions_at_load = self.evictions
+            return self._epoch
+
+    def end_load(self) -> list[BlockRef] | None:
+        """Blocks announced during the load, to read again; None if the load cannot complete."""
+        with self._lock:
+            changed, self._loading = self._loading, set() if self._loading is not None else None
+            return None if changed is None else sorted(changed)
+
+    def finish_load(self) -> bool:
+        with self._lock:
+            ok = self._loading is not None and self.evictions == self._evictions_at_load
+            self._loading = None
+            self.complete = ok
+            return ok
+
+    def mirror_learn(self, model: str, keys: Sequence[int], answers: Sequence[PodTimes], since_epoch: int) -> list[int]:
+        return self.learn(model, keys, answers, since_epoch=since_epoch, ttl=NEVER)
+
+    def sweep(self, limit: int = 1000) -> int:
+        """Drop expired answers among the ``limit`` least recently used (bounded work per call)."""
+        now = time.monotonic()
+        dropped = 0
+        with self._lock:
+            for ref in list(itertools.islice(self._entries, limit)):
+                if self._entries[ref][0] < now:
+                    del self._entries[ref]
+                    dropped += 1
+        return dropped
 
     def size(self) -> tuple[int, int]:
-        """(mappings, estimated bytes)."""
+        """(entries, estimated bytes)."""
         with self._lock:
-            mappings = sum(len(v) for v in self._mappings.values())
-            memory = sum(
-                sys.getsizeof(m.kv_block_keys) + 8 * len(m.kv_block_keys) + 120 * len(m.key_to_pods) + _ENTRY_OVERHEAD
-                for by_set in self._mappings.values() for m in by_set.values()
-            )
-        return mappings, memory
+            entries = len(self._entries)
+        return entries, entries * _ENTRY_BYTES

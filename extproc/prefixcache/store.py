@@ -27,8 +27,8 @@ import weakref
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from ..config import PrefixStoreConfig
 
@@ -101,42 +101,49 @@ class Splitter:
             prefixes.add(tuple(full[: len(full) - len(plain)]))
         return list(prefixes.pop()) if len(prefixes) == 1 else None
 
-    def added_spans(self, text: str) -> list[tuple[int, int]]:
-        """Where the tokenizer cuts out added tokens: leftmost-longest, scanning from the start."""
-        found = []
+    def next_span(self, text: str, pos: int, end: int) -> tuple[int, int] | None:
+        """The first added token starting in [pos, end) (leftmost, then longest), as (start, end)."""
+        best: tuple[int, int] | None = None
         for first, tokens in self._added_by_first.items():
-            at = text.find(first)
+            at = text.find(first, pos, end if best is None else best[0])
             while at != -1:
-                for token in tokens:  # longest first
-                    if text.startswith(token, at):
-                        found.append((at, -len(token)))
-                        break
-                at = text.find(first, at + 1)
-        if not found:
-            return []
-        found.sort()
-        spans, cursor = [], 0
-        for at, neg_len in found:
-            if at >= cursor:
-                spans.append((at, at - neg_len))
-                cursor = at - neg_len
+                token = next((t for t in tokens if text.startswith(t, at)), None)  # longest first
+                if token is not None:
+                    best = (at, at + len(token))
+                    break
+                at = text.find(first, at + 1, end if best is None else best[0])
+        return best
+
+    def added_spans(self, text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+        """Where the tokenizer cuts out added tokens, scanning from ``start``: leftmost-longest."""
+        end = len(text) if end is None else end
+        spans = []
+        span = self.next_span(text, start, end)
+        while span is not None:
+            spans.append(span)
+            span = self.next_span(text, span[1], end)
         return spans
 
     def last_split(self, text: str, start: int, end: int, spans: list[tuple[int, int]] | None = None) -> int:
         """The last split point in (start, end]; ``start`` when there is none.
 
-        ``spans`` are the text's added-token spans (``added_spans``), computed once per text.
+        ``spans`` are the added-token spans of the text around (start, end], computed once.
+        A word split is never taken inside an added token that crosses ``end``.
         """
+        if end <= start:
+            return start
         if spans is None:
-            spans = self.added_spans(text)
+            spans = self.added_spans(text, start, end + self.margin)
         best = start
         i = bisect_right(spans, (end + 1,)) - 1  # last span starting at or before end
+        word_end = end
         while i >= 0 and spans[i][1] > end:
+            word_end = min(word_end, spans[i][0])  # crosses end: no cut inside it
             i -= 1
         if i >= 0 and spans[i][1] > best:
             best = spans[i][1]
         if self.word_splits:
-            p = text.rfind(" ", best + 1, end + 1)
+            p = text.rfind(" ", best + 1, word_end + 1)
             while p > best:
                 if _ascii_letter(text[p - 1]) and p + 1 < len(text) and _ascii_letter(text[p + 1]):
                     return p
@@ -150,29 +157,123 @@ def _ascii_letter(ch: str) -> bool:
 
 
 
+class Chunker:
+    """A prompt's chunks, found and hashed lazily from the start.
+
+    A chunk ends right after each added token (so chat messages, which templates close with
+    one, begin new chunks and a new turn reuses every earlier message's chunks) and at most
+    every ``size`` characters in between. Boundaries depend on the text alone, so the same
+    prefix always gives the same chunks; each chunk's hash chains the text before it.
+    """
+
+    __slots__ = ("text", "size", "splitter", "hash", "pos", "_next_span", "_scanned")
+
+    def __init__(self, text: str, seed: str, size: int, splitter: Splitter):
+        self.text = text
+        self.size = size
+        self.splitter = splitter
+        self.hash = _digest(0, seed)
+        self.pos = 0
+        self._next_span: tuple[int, int] | None = None
+        self._scanned = 0
+        """Added tokens are searched for up to here (the next one, if any, is _next_span)."""
+
+    def next(self) -> tuple[int, int, bool] | None:
+        """(end, hash, ends_on_added_token) of the next full chunk; None when only a tail is left."""
+        text, pos = self.text, self.pos
+        limit = pos + self.size
+        if self._scanned <= pos or (self._next_span is not None and self._next_span[1] <= pos):
+            self._next_span = self.splitter.next_span(text, pos, min(len(text), limit + self.size))
+            self._scanned = min(len(text), limit + self.size) if self._next_span is None else self._next_span[0]
+        span = self._next_span
+        if span is not None and span[1] <= limit:
+            end, exact = span[1], True
+        elif limit <= len(text):
+            end, exact = limit, False
+        else:
+            return None
+        self.hash = _digest(self.hash, text[pos:end])
+        self.pos = end
+        return end, self.hash, exact
+
+
 @dataclass(slots=True)
-class CachedTokens:
-    tokens: list[int]
+class Run:
+    """The longest cached prefix of a prompt."""
+
+    chars: int = 0
+    """Prompt characters covered (a split point: the tokens before it are exact)."""
+    tokens: int = 0
+    keys: list[int] = field(default_factory=list)
+    """Block keys of the full blocks inside the covered tokens (at most maxBlocksToMatch)."""
+    chunks: int = 0
+
+
+@dataclass(slots=True)
+class Tokenized:
+    """What the store gives the indexer for one prompt."""
+
+    keys: list[int]
+    """Block keys of the prompt's first full blocks (at most maxBlocksToMatch)."""
+    tokens: int
+    """Exact tokens counted (up to the cut, or the whole prompt when ``cut`` is False)."""
+    cut: bool
+    """Tokenizing stopped once every block that can match was known."""
     chars: int
-    """Prompt characters those tokens cover (a split point)."""
-    chunks: int
+    """Characters tokenized; past the cut the rest of the prompt is only estimated."""
+    cached_tokens: int
+    fill: Callable[[], None] | None = None
+    """Caches the newly tokenized chunks; run after the decision, off the critical path."""
+
+    def estimated_total(self, prompt_chars: int) -> int:
+        """Exact when not cut; past the cut, the rest at the tokens per character seen so far."""
+        if not self.cut or not self.chars:
+            return self.tokens
+        return self.tokens + round((prompt_chars - self.chars) * self.tokens / self.chars)
 
 
-_Chunk = tuple  # (split point: int, tokens: bytes of native uint32)
+Keyer = Callable[[Sequence[int], "int | None", int], list[int]]
+"""(tokens, parent key, blocks wanted) -> keys of the full blocks of tokens, chained from parent."""
+
+_Chunk = tuple  # (split point: int, tokens: bytes of native uint32, keys: bytes of native uint64)
 """A plain tuple of an int and bytes: the garbage collector stops tracking it, so a store of
 100,000 chunks adds no collection pauses (a class instance or an array would be tracked)."""
 
+_Prompt = tuple  # (keys: bytes of native uint64, exact tokens, cut, chars tokenized)
+
+INLINE_CHARS = 2048
+"""Text up to this long is tokenized on the calling thread (the event loop): a worker-thread
+hop costs more than encoding it."""
+
 
 class PrefixStore:
-    def __init__(self, config: PrefixStoreConfig):
+    """Text -> tokens and block keys, per chunk (a prefix) and per whole prompt.
+
+    ``block_size``, ``max_blocks`` and ``keyer`` are the indexer's block keying: keys kept
+    with the chunks are never hashed again.
+    """
+
+    def __init__(self, config: PrefixStoreConfig, *, block_size: int, max_blocks: int, keyer: Keyer,
+                 min_window_chars: int = 4 * INLINE_CHARS):
         self.config = config
-        self._lock = threading.RLock()
+        self.min_window_chars = min_window_chars
+        """Text encoded at least at once when cutting (tests make it tiny to cut everywhere)."""
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.keyer = keyer
+        self._lock = threading.Lock()
         self._chunks: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
-        self._chunk_bytes = 0
+        self._prompts: OrderedDict[ChunkHash, _Prompt] = OrderedDict()
+        self._bytes = 0
         self.evictions = 0
         self._splitters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         """tokenizer -> its Splitter, freed with the tokenizer (an id() could be reused by
         another model's tokenizer and hand it the wrong split rules)."""
+
+    @property
+    def need_tokens(self) -> int:
+        """Tokens that can ever match: tokenizing further cannot change a decision."""
+        return self.block_size * self.max_blocks
 
     def splitter(self, tokenizer) -> Splitter:
         splitter = self._splitters.get(tokenizer)
@@ -182,105 +283,219 @@ class PrefixStore:
                      " and between words" if splitter.word_splits else " only", splitter.margin)
         return splitter
 
-    def chunk_hashes(self, prompt: str, model: str, add_special_tokens: bool) -> tuple[list[ChunkHash], ChunkHash]:
-        """Chained hashes of the prompt's full chunks, and of the whole prompt (its last text block)."""
-        size = self.config.block_size
-        h = _digest(0, f"{model}\0{int(add_special_tokens)}")
-        hashes = []
-        full = len(prompt) // size
-        for i in range(full):
-            h = _digest(h, prompt[i * size : (i + 1) * size])
-            hashes.append(h)
-        return hashes, _digest(h, "\0tail\0" + prompt[full * size :])
+    @staticmethod
+    def _seed(model: str, add_special_tokens: bool) -> str:
+        return f"{model}\0{int(add_special_tokens)}"
+
+    # -- whole prompts ---------------------------------------------------------------
+
+    def prompt_key(self, prompt: str, model: str, add_special_tokens: bool) -> ChunkHash:
+        return hash((self._seed(model, add_special_tokens), prompt))
+
+    def get_prompt(self, key: ChunkHash) -> Tokenized | None:
+        """A prompt seen before: its keys and counts, with nothing to tokenize."""
+        with self._lock:
+            entry = self._prompts.get(key)
+            if entry is None:
+                return None
+            self._prompts.move_to_end(key)
+        packed, tokens, cut, chars = entry
+        return Tokenized(list(memoryview(packed).cast("Q")), tokens, cut, chars, tokens)
+
+    def put_prompt(self, key: ChunkHash, result: Tokenized) -> None:
+        entry = (array("Q", result.keys).tobytes(), result.tokens, result.cut, result.chars)
+        with self._lock:
+            old = self._prompts.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[0]) + _ENTRY_OVERHEAD
+            self._prompts[key] = entry
+            self._bytes += len(entry[0]) + _ENTRY_OVERHEAD
+            while len(self._prompts) > self.config.max_prompts:
+                _, dropped = self._prompts.popitem(last=False)
+                self._bytes -= len(dropped[0]) + _ENTRY_OVERHEAD
+                self.evictions += 1
+
+    # -- prefixes ----------------------------------------------------------------------
 
     def find_longest_contained_tokens(self, prompt: str, model: str, *, add_special_tokens: bool = False,
-                                      hashes: list[ChunkHash] | None = None) -> CachedTokens:
-        """The longest run of cached tokens for the prompt's prefix (possibly empty)."""
-        if hashes is None:
-            hashes = self.chunk_hashes(prompt, model, add_special_tokens)[0]
-        tokens: list[int] = []
-        chars = found = 0
+                                      splitter: Splitter) -> tuple[Run, Chunker, list[_Chunk]]:
+        """The longest cached run of chunks from the prompt's start (possibly empty), the chunker
+        positioned right after it, and the run's chunks."""
+        chunker = Chunker(prompt, self._seed(model, add_special_tokens), self.config.block_size, splitter)
+        found: list[_Chunk] = []
         with self._lock:
-            for h in hashes:
-                chunk = self._chunks.get(h)
-                if chunk is None:
+            while True:
+                state = (chunker.pos, chunker.hash)
+                step = chunker.next()
+                if step is None:
                     break
-                self._chunks.move_to_end(h)
-                chars, packed = chunk
-                tokens.extend(memoryview(packed).cast("I"))
-                found += 1
-        return CachedTokens(tokens, chars, found)
+                chunk = self._chunks.get(step[1])
+                if chunk is None:
+                    chunker.pos, chunker.hash = state  # the miss is the first chunk to fill
+                    break
+                self._chunks.move_to_end(step[1])
+                found.append(chunk)
+        run = Run(chunks=len(found))
+        if found:
+            run.chars = found[-1][0]
+            for _, packed, keys in found:
+                run.tokens += len(packed) // 4
+                run.keys.extend(memoryview(keys).cast("Q"))
+        return run, chunker, found
 
-    def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool,
-                 hashes: list[ChunkHash] | None = None) -> tuple[list[int], CachedTokens]:
-        """Tokens of the whole prompt: the cached prefix, the rest encoded now and cached."""
-        tokens, cached, store = self.tokenize_deferred(
-            tokenizer, prompt, model, add_special_tokens=add_special_tokens, hashes=hashes
-        )
-        if store is not None:
-            store()
-        return tokens, cached
-
-    def tokenize_deferred(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool,
-                          hashes: list[ChunkHash] | None = None):
-        """Like tokenize, but hands back the caching of the new chunks as a callable, so the
-        caller can run it after the routing decision instead of before."""
+    def plan(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> "Plan":
+        """What the store knows of the prompt (cheap: hashing and lookups, no tokenizing)."""
         splitter = self.splitter(tokenizer)
         if add_special_tokens and splitter.special_prefix is None:
-            return tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=True).ids, CachedTokens([], 0, 0), None
-        if hashes is None:
-            hashes = self.chunk_hashes(prompt, model, add_special_tokens)[0]
-        cached = self.find_longest_contained_tokens(prompt, model, hashes=hashes)
-        if cached.chunks == len(hashes) and cached.chars == len(prompt):
-            return cached.tokens, cached, None
-        start = cached.chars
-        encoding = tokenizer.backend_tokenizer.encode(prompt[start:], add_special_tokens=add_special_tokens and start == 0)
-        tail_ids = encoding.ids
-        if cached.chunks == len(hashes):
-            return cached.tokens + tail_ids, cached, None
+            # Special tokens that are not a plain prefix: only a whole encoding is exact.
+            return Plan(prompt, tokenizer, splitter, Run(), None, [], whole=True)
+        run, chunker, found = self.find_longest_contained_tokens(prompt, model, add_special_tokens=add_special_tokens,
+                                                                 splitter=splitter)
+        return Plan(prompt, tokenizer, splitter, run, chunker, found, add_special_tokens=add_special_tokens)
 
-        def store() -> None:
-            self._store_chunks(splitter, prompt, hashes, cached.chunks, start, tail_ids, encoding)
+    def finish(self, plan: "Plan") -> Tokenized:
+        """Encode what the plan lacks, until every block that can match is known, and key it."""
+        run, prompt = plan.run, plan.prompt
+        backend = plan.tokenizer.backend_tokenizer
+        if plan.whole:
+            ids = backend.encode(prompt, add_special_tokens=True).ids
+            return Tokenized(self.keyer(ids, None, self.max_blocks), len(ids), False, len(prompt), 0)
+        need = self.need_tokens - run.tokens
+        if need <= 0 or run.chars == len(prompt):
+            return Tokenized(run.keys, run.tokens, run.chars < len(prompt), run.chars, run.tokens)
+        pieces = self._encode_until(plan.splitter, backend, prompt, run.chars, need,
+                                    plan.add_special_tokens and run.chars == 0)
+        new_ids = [t for _, _, encoding in pieces for t in encoding.ids]
+        rest = _tail_tokens(plan.found, run.tokens - len(run.keys) * self.block_size)
+        keys = run.keys + self.keyer(rest + new_ids, run.keys[-1] if run.keys else None,
+                                     self.max_blocks - len(run.keys))
+        chars = pieces[-1][1]
+        result = Tokenized(keys, run.tokens + len(new_ids), chars < len(prompt), chars, run.tokens)
+        chunker = plan.chunker
+        assert chunker is not None
+        result.fill = lambda: self._store_chunks(chunker, run, pieces, keys)
+        return result
 
-        return cached.tokens + tail_ids, cached, store
+    def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> Tokenized:
+        """plan + finish, and the new chunks stored at once (tests, benchmarks)."""
+        result = self.finish(self.plan(tokenizer, prompt, model, add_special_tokens=add_special_tokens))
+        if result.fill is not None:
+            result.fill()
+        return result
 
-    def _store_chunks(self, splitter: Splitter, prompt: str, hashes: list[ChunkHash], first: int, start: int,
-                      ids: Sequence[int], encoding) -> None:
-        size = self.config.block_size
-        split, cursor = start, 0
-        starts: list[int] | None = None
-        spans = splitter.added_spans(prompt)
-        packed = array("I", ids).tobytes()
+    def _encode_until(self, splitter: Splitter, backend, text: str, start: int, need: int,
+                      add_special_tokens: bool) -> list[tuple[int, int, object]]:
+        """Encode text from ``start`` in pieces cut at split points, until ``need`` tokens or the
+        end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
+        tokenization gives there."""
+        pieces: list[tuple[int, int, object]] = []
+        window = max(need * 6, self.min_window_chars)
+        pos, got = start, 0
+        while pos < len(text) and got < need:
+            end = pos + window
+            if end + splitter.margin >= len(text):
+                cut = len(text)
+            else:
+                cut = splitter.last_split(text, pos, end - splitter.margin)
+                if cut <= pos:
+                    window *= 2  # no split point in this stretch: look further
+                    continue
+            encoding = backend.encode(text[pos:cut], add_special_tokens=add_special_tokens and pos == 0)
+            pieces.append((pos, cut, encoding))
+            got += len(encoding.ids)
+            pos = cut
+            window *= 2
+        return pieces
+
+    def _store_chunks(self, chunker: Chunker, run: Run, pieces: list[tuple[int, int, object]],
+                      keys: list[int]) -> None:
+        """Cache the chunks the new pieces cover: each chunk's tokens up to its split point, and the
+        keys of the blocks that end inside them."""
+        splitter = chunker.splitter
+        starts = [first for first, _, _ in pieces]
+        packed_pieces = [array("I", encoding.ids).tobytes() for _, _, encoding in pieces]
+        covered = pieces[-1][1]
+        block = self.block_size
+        split, tokens_before = run.chars, run.tokens
         new: list[tuple[ChunkHash, _Chunk]] = []
-        for i in range(first, len(hashes)):
-            limit = (i + 1) * size - splitter.margin
-            if limit > split:
-                split = splitter.last_split(prompt, split, limit, spans)
-            # Index of the first token at or after the split: split points are token
-            # boundaries, so the token holding that character starts there.
-            end = encoding.char_to_token(split - start) if split < len(prompt) else len(ids)
-            if end is None or (end < len(ids) and encoding.token_to_chars(end)[0] != split - start):
-                if starts is None:
-                    starts = [o[0] for o in encoding.offsets]
-                end = bisect_left(starts, split - start, cursor)
-            end = max(end, cursor)
-            new.append((hashes[i], (split, packed[4 * cursor : 4 * end])))
-            cursor = end
+        while True:
+            step = chunker.next()
+            if step is None or step[0] > covered:
+                break
+            end, chunk_hash, exact = step
+            cut = end if exact else max(split, splitter.last_split(chunker.text, split, end - splitter.margin))
+            parts: list[bytes] = []
+            pos = split
+            while pos < cut:
+                k = bisect_right(starts, pos) - 1
+                first, last, encoding = pieces[k]
+                lo = _token_at(encoding, pos - first)
+                hi = _token_at(encoding, cut - first) if cut < last else len(encoding.ids)
+                parts.append(packed_pieces[k][4 * lo: 4 * hi])
+                pos = min(cut, last)
+            packed = b"".join(parts)
+            count = len(packed) // 4
+            chunk_keys = keys[tokens_before // block:min((tokens_before + count) // block, len(keys))]
+            new.append((chunk_hash, (cut, packed, array("Q", chunk_keys).tobytes())))
+            tokens_before += count
+            split = cut
         with self._lock:
             for h, chunk in new:
                 if h not in self._chunks:
                     self._chunks[h] = chunk
-                    self._chunk_bytes += len(chunk[1]) + _ENTRY_OVERHEAD
+                    self._bytes += len(chunk[1]) + len(chunk[2]) + _ENTRY_OVERHEAD
             while len(self._chunks) > self.config.max_entries:
                 _, old = self._chunks.popitem(last=False)
-                self._chunk_bytes -= len(old[1]) + _ENTRY_OVERHEAD
+                self._bytes -= len(old[1]) + len(old[2]) + _ENTRY_OVERHEAD
                 self.evictions += 1
-
-    # -- pod mappings -----------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._chunks)
 
     @property
+    def prompts(self) -> int:
+        return len(self._prompts)
+
+    @property
     def memory_bytes(self) -> int:
-        return self._chunk_bytes
+        return self._bytes
+
+
+@dataclass(slots=True)
+class Plan:
+    prompt: str
+    tokenizer: object
+    splitter: Splitter
+    run: Run
+    chunker: Chunker | None
+    found: list
+    add_special_tokens: bool = False
+    whole: bool = False
+
+    @property
+    def to_encode(self) -> int:
+        """Characters finish() may have to encode (an upper bound)."""
+        return len(self.prompt) - self.run.chars
+
+
+def _tail_tokens(chunks: list[_Chunk], count: int) -> list[int]:
+    """The last ``count`` tokens of a run of chunks."""
+    if count <= 0:
+        return []
+    tokens: list[int] = []
+    for _, packed, _ in reversed(chunks):
+        tokens[:0] = memoryview(packed).cast("I")
+        if len(tokens) >= count:
+            break
+    return tokens[len(tokens) - count:]
+
+
+def _token_at(encoding, char: int) -> int:
+    """Index of the first token starting at or after ``char`` (a split point, so a token boundary)."""
+    if char <= 0:
+        return 0
+    index = encoding.char_to_token(char)
+    if index is not None and encoding.token_to_chars(index)[0] == char:
+        return index
+    starts = [offset[0] for offset in encoding.offsets]
+    return bisect_left(starts, char)

@@ -325,10 +325,10 @@ async def test_entries_older_than_max_entry_age_are_expired(h, tokenizer):
     assert await h.matched(fresh, "pod-a") == len(fresh) // ROUTER_BLOCK
 
 
-async def test_every_serve_replica_drops_cached_mappings_when_a_block_is_removed(h, tokenizer, tokenizer_dir):
-    """Two serve replicas cache the same lookup; a removal on the shared index reaches both."""
-    from extproc.indexer import Indexer
-    from extproc.prefixcache import PrefixCache
+async def test_every_serve_replica_updates_its_cached_owners_when_a_block_is_removed(h, tokenizer, tokenizer_dir):
+    """Two serve replicas cache the same blocks' owners; a removal on the shared index reaches both."""
+    from extproc.config import PrefixStoreConfig
+    from extproc.indexer import Indexer, build_cache
     from extproc.requests import RoutingRequest
     from extproc.tokenization import TokenizerManager
 
@@ -336,8 +336,8 @@ async def test_every_serve_replica_drops_cached_mappings_when_a_block_is_removed
     replicas = []
     for _ in range(2):
         index = RedisIndex.from_config(config_mod.IndexConfig(backend="redis", redis_url=h.redis_url))
-        indexer = Indexer(tokenizers, index, block_size=ROUTER_BLOCK, max_blocks=128, scheme="chained",
-                          cache=PrefixCache())
+        cache = build_cache(PrefixStoreConfig(), block_size=ROUTER_BLOCK, max_blocks=128, scheme="chained")
+        indexer = Indexer(tokenizers, index, block_size=ROUTER_BLOCK, max_blocks=128, scheme="chained", cache=cache)
         await index.subscribe(indexer.on_invalidation)
         replicas.append(indexer)
     pub = h.publisher()
@@ -355,14 +355,15 @@ async def test_every_serve_replica_drops_cached_mappings_when_a_block_is_removed
         for indexer in replicas:
             assert (await indexer.get_pod_scores(request, ["pod-a"])).matched == {"pod-a": full}
             assert (await indexer.get_pod_scores(request, ["pod-a"])).cache == "hit"
+        block_2 = replicas[0].keys(tokens)[2]
         pub.publish([removed_event([engine.hashes(tokens)[9]])])  # router block 2
 
-        async def both_dropped():
-            return all(r.get_cache_stats().mappings == 0 for r in replicas)
-        await wait_for(both_dropped, what="both replicas invalidated")
+        async def both_updated():
+            return all(r.cache.owners.get(MODEL, [block_2]) == [{}] for r in replicas)
+        await wait_for(both_updated, what="both replicas' cached owners updated")
         for indexer in replicas:
             again = await indexer.get_pod_scores(request, ["pod-a"])
-            assert again.cache != "hit" and again.matched == {"pod-a": 2}
+            assert again.cache == "hit" and again.matched == {"pod-a": 2}
     finally:
         for indexer in replicas:
             await indexer.index.close()

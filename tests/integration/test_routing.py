@@ -184,14 +184,21 @@ def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, toke
         with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0, timeout=20) as client:
             assert served_by(client.chat.completions.create(model=MODEL, messages=messages)) == "pod-c"
             server.proc.kill()
-            # New user turns: each needs the index, which is gone.
-            served = [served_by(client.chat.completions.create(model=MODEL, messages=chat(system, f"new {i}")))
-                      for i in range(6)]
-            # The exact prompt seen before is still routed by its cached lookup result.
+            # The exact prompt seen before is still routed by the block owners this replica knows.
             assert served_by(client.chat.completions.create(model=MODEL, messages=messages)) == "pod-c"
+            # New user turns after it: the new blocks need the index, which is gone; the known
+            # system prompt still decides, and the outage is counted.
+            turns = [served_by(client.chat.completions.create(model=MODEL, messages=chat(system, f"new {i}")))
+                     for i in range(4)]
+            # Prompts nothing is known of are spread by load.
+            served = [served_by(client.chat.completions.create(model=MODEL, messages=chat(system_prompt(100 + i), "q")))
+                      for i in range(6)]
+        assert turns == ["pod-c"] * 4
         assert len(served) == 6 and set(served) <= set(pods)
         assert len(set(served)) > 1, "without the index the requests are spread by load"
-        assert _counter(proc.metrics(), 'kv_extproc_fallbacks_total{reason="index"}') >= 6
+        metrics = proc.metrics()
+        assert _counter(metrics, 'kv_extproc_fallbacks_total{reason="index"}') >= 6
+        assert _counter(metrics, "kv_extproc_index_errors_total") >= 6
 
 
 def test_a_redis_slower_than_the_index_timeout_does_not_hold_requests(workdir, pods, tokenizer_dir):

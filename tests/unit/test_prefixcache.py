@@ -1,8 +1,10 @@
-"""The prefix store returns exactly the tokens a full tokenization gives, whatever the text.
+"""The prefix store gives exactly the tokens (and so the block keys) a full tokenization gives,
+whatever the text, and tokenizes no further than the blocks that can match.
 
 Property-based: random and adversarial texts (split words, runs of spaces and newlines,
 combining marks, emoji, CJK, digits, contractions, special-token strings whole and cut)
-with the real Qwen3 tokenizer, tiny chunks so that boundaries fall everywhere.
+with the real Qwen3 tokenizer, tiny chunks so that boundaries fall everywhere. Blocks of one
+token make the keys name every token, so equal keys mean equal tokens.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from extproc.blocks import block_keys
 from extproc.config import PrefixStoreConfig
 from extproc.prefixcache import PrefixStore, Splitter
 from extproc.requests import RoutingRequest
 from extproc.tokenization import render_chat
 
 MODEL = "Qwen/Qwen3-0.6B"
+EVERY = 10**9
 
 FRAGMENTS = [
     "hello", " world", "It", "'s", " they'd", "  ", "   ", "\n", "\n\n", " \n", "\t", "e\u0301", "caf\u00e9",
@@ -33,32 +37,60 @@ def full(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=special).ids
 
 
-def cache(chunk_chars: int = 16) -> PrefixStore:
-    return PrefixStore(PrefixStoreConfig(block_size=chunk_chars))
+def keys_of(tokens: list[int], block: int = 1, max_blocks: int = EVERY) -> list[int]:
+    return block_keys(tokens, block, max_blocks)
 
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def store(chunk_chars: int = 16, *, block: int = 1, max_blocks: int = EVERY, **config) -> PrefixStore:
+    return PrefixStore(PrefixStoreConfig(block_size=chunk_chars, **config), block_size=block, max_blocks=max_blocks,
+                       keyer=lambda tokens, parent, n: block_keys(tokens, block, n, "chained", parent),
+                       min_window_chars=8)
+
+
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "300")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @SETTINGS
 @given(first=any_text, second=any_text, cut=st.integers(0, 200), chunk=st.sampled_from([8, 16, 64]))
 def test_cached_tokens_equal_a_full_tokenization(tokenizer, first, second, cut, chunk):
     """Cache one text, then tokenize another sharing a prefix of any length with it."""
-    c = cache(chunk)
+    c = store(chunk)
     c.tokenize(tokenizer, first, MODEL, add_special_tokens=False)
     other = first[:cut] + second
-    tokens, cached = c.tokenize(tokenizer, other, MODEL, add_special_tokens=False)
-    assert tokens == full(tokenizer, other)
-    assert cached.tokens == full(tokenizer, other)[: len(cached.tokens)], "the cached run is a prefix of the truth"
+    result = c.tokenize(tokenizer, other, MODEL, add_special_tokens=False)
+    truth = full(tokenizer, other)
+    assert result.keys == keys_of(truth)
+    assert (result.tokens, result.cut) == (len(truth), False)
+    assert result.cached_tokens <= len(truth)
 
 
 @SETTINGS
 @given(text=any_text, chunk=st.sampled_from([8, 16]))
 def test_the_same_text_twice_comes_back_from_the_cache(tokenizer, text, chunk):
-    c = cache(chunk)
-    first, _ = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
-    second, cached = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
-    assert first == second == full(tokenizer, text)
+    c = store(chunk)
+    first = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+    second = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+    assert first.keys == second.keys == keys_of(full(tokenizer, text))
+
+
+@SETTINGS
+@given(first=any_text, text=any_text, need=st.integers(1, 40), block=st.sampled_from([1, 2, 4]),
+       chunk=st.sampled_from([8, 16, 64]))
+def test_tokenizing_stops_at_the_cut_with_exact_tokens(tokenizer, first, text, need, block, chunk):
+    """Only the blocks that can match are keyed, and the tokens counted up to the cut are
+    exactly the first tokens of a whole tokenization."""
+    c = store(chunk, block=block, max_blocks=need)
+    c.tokenize(tokenizer, first, MODEL, add_special_tokens=False)
+    text = first[: len(first) // 2] + text
+    result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+    truth = full(tokenizer, text)
+    assert result.keys == keys_of(truth, block, need)
+    assert result.tokens >= min(need * block, len(truth))
+    assert full(tokenizer, text[: result.chars]) == truth[: result.tokens], "the cut is a split point"
+    assert result.cut == (result.chars < len(text))
+    if not result.cut:
+        assert result.tokens == len(truth)
 
 
 conversation = st.lists(
@@ -69,34 +101,80 @@ conversation = st.lists(
 @SETTINGS
 @given(history=conversation, follow_up=any_text, chunk=st.sampled_from([16, 64, 256]))
 def test_multi_turn_chats_rendered_with_the_chat_template(tokenizer, history, follow_up, chunk):
-    c = cache(chunk)
+    c = store(chunk)
     messages = [{"role": r, "content": t} for r, t in history]
     first = render_chat(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=messages))
     c.tokenize(tokenizer, first, MODEL, add_special_tokens=False)
     longer = messages + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": follow_up}]
     second = render_chat(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=longer))
-    tokens, cached = c.tokenize(tokenizer, second, MODEL, add_special_tokens=False)
-    assert tokens == full(tokenizer, second)
+    assert c.tokenize(tokenizer, second, MODEL, add_special_tokens=False).keys == keys_of(full(tokenizer, second))
 
 
 @SETTINGS
 @given(first=texts, second=texts)
 def test_completions_with_special_tokens(tokenizer, first, second):
-    c = cache(16)
+    c = store(16)
     c.tokenize(tokenizer, first + second, MODEL, add_special_tokens=True)
-    tokens, _ = c.tokenize(tokenizer, first + "tail", MODEL, add_special_tokens=True)
-    assert tokens == full(tokenizer, first + "tail", special=True)
+    result = c.tokenize(tokenizer, first + "tail", MODEL, add_special_tokens=True)
+    assert result.keys == keys_of(full(tokenizer, first + "tail", special=True))
+
+
+def chat_text(tokenizer, system: str, question: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return render_chat(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=messages))
 
 
 def test_a_long_shared_system_prompt_is_mostly_served_from_the_cache(tokenizer):
-    c = cache(256)
+    c = store(256, block=16)
     system = "You are a meticulous assistant for a logistics company. " * 60
     for question in ("Where is parcel 17?", "Cancel order 9", "What are your hours?"):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-        text = render_chat(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=messages))
-        tokens, cached = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
-        assert tokens == full(tokenizer, text)
-    assert len(cached.tokens) > 0.9 * len(full(tokenizer, system)), "the system prompt came from the cache"
+        text = chat_text(tokenizer, system, question)
+        result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+        assert result.keys == keys_of(full(tokenizer, text), 16)
+    assert result.cached_tokens > len(full(tokenizer, system)), "the whole system message came from the cache"
+
+
+def test_a_new_turn_encodes_only_the_new_message(tokenizer):
+    """Chunks end after every added token, so the next turn reuses every earlier message whole."""
+    c = store(256, block=16)
+    system = "You answer questions about invoices, refunds and shipping, briefly and politely. " * 20
+    c.tokenize(tokenizer, chat_text(tokenizer, system, "first question"), MODEL, add_special_tokens=False)
+    text = chat_text(tokenizer, system, "What is the refund window for damaged goods?")
+    plan = c.plan(tokenizer, text, MODEL, add_special_tokens=False)
+    new_turn = text[text.index("user\nWhat is the refund"):]
+    assert plan.to_encode == len(new_turn)
+
+
+def test_block_keys_of_a_known_prefix_are_not_hashed_again(tokenizer):
+    hashed: list[int] = []
+
+    def counting_keyer(tokens, parent, n):
+        keys = block_keys(tokens, 16, n, "chained", parent)
+        hashed.append(len(keys))
+        return keys
+
+    c = PrefixStore(PrefixStoreConfig(), block_size=16, max_blocks=1000, keyer=counting_keyer)
+    system = "Summarize each customer email in one sentence and tag its urgency. " * 40
+    first = c.tokenize(tokenizer, chat_text(tokenizer, system, "q1"), MODEL, add_special_tokens=False)
+    second = c.tokenize(tokenizer, chat_text(tokenizer, system, "q2"), MODEL, add_special_tokens=False)
+    assert hashed[0] == len(first.keys) > 30
+    assert hashed[1] <= 2, "only the blocks of the new turn are keyed"
+    assert second.keys == keys_of(full(tokenizer, chat_text(tokenizer, system, "q2")), 16)
+
+
+def test_a_huge_document_is_tokenized_only_up_to_the_cut(tokenizer):
+    block, max_blocks = 16, 64
+    c = PrefixStore(PrefixStoreConfig(), block_size=block, max_blocks=max_blocks,
+                    keyer=lambda tokens, parent, n: block_keys(tokens, block, n, "chained", parent))
+    document = "Section {}: the quarterly figures for region {} rose by {} percent. ".format
+    text = "".join(document(i, i % 7, i % 13) for i in range(20_000))  # ~1.3 MB
+    result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+    head = full(tokenizer, text[:20_000])
+    assert result.keys == keys_of(head, block, max_blocks)
+    assert result.cut and result.chars < 100_000, "far less than the document was tokenized"
+    estimate = result.estimated_total(len(text))
+    truth = len(full(tokenizer, text))
+    assert 0.8 * truth < estimate < 1.25 * truth
 
 
 def test_the_splitter_finds_word_and_added_token_splits_for_qwen(tokenizer):
@@ -107,6 +185,14 @@ def test_the_splitter_finds_word_and_added_token_splits_for_qwen(tokenizer):
     assert splitter.last_split(text, 0, len(text)) == len("hello world<|im_end|>")
     assert splitter.last_split("hello world and more", 0, 12) == len("hello world")
     assert splitter.last_split("helloworld", 0, 10) == 0
+
+
+def test_no_word_split_inside_an_added_token_that_crosses_the_end(tokenizer):
+    splitter = Splitter(tokenizer)
+    splitter._added_by_first["["] = ["[a b]"]  # an added token with a space between letters
+    text = "one two [a b] three"
+    end = text.index("[a b]") + 2  # inside the added token, right after its space
+    assert splitter.last_split(text, 0, end) == len("one"), "not the space inside [a b]"
 
 
 def test_a_tokenizer_without_word_boundaries_splits_on_added_tokens_only(tokenizer):
@@ -127,3 +213,16 @@ def test_a_tokenizer_without_word_boundaries_splits_on_added_tokens_only(tokeniz
             return self._inner.encode(text.replace(" ", ""), add_special_tokens=add_special_tokens)
 
     assert Splitter(NoWordSplits(tokenizer)).word_splits is False
+
+
+@pytest.mark.parametrize("entries", [5, 50])
+def test_the_store_is_bounded_by_max_entries_and_max_prompts(tokenizer, entries):
+    c = store(16, maxEntries=entries, maxPrompts=entries) if False else PrefixStore(
+        PrefixStoreConfig(block_size=16, max_entries=entries, max_prompts=entries), block_size=4, max_blocks=EVERY,
+        keyer=lambda tokens, parent, n: block_keys(tokens, 4, n, "chained", parent))
+    for i in range(200):
+        text = f"prompt number {i} with some words that make several chunks of text"
+        result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+        c.put_prompt(c.prompt_key(text, MODEL, False), result)
+    assert len(c) <= entries and c.prompts <= entries
+    assert c.evictions > 0
