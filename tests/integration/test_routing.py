@@ -17,7 +17,7 @@ import pytest
 
 from extproc.sim import launcher
 from tests.conftest import MODEL
-from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack, wait_until
+from tests.integration.conftest import BODY_LIMIT, MODE_IDS, MODES, served_by, stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -173,7 +173,7 @@ def _counter(text: str, name: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("mode", MODES, ids=["buffered", "full-duplex"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, tokenizer_dir, tokenizer):
     with stack(workdir, pods, tokenizer_dir, mode) as (server, proc, proxy):
         import redis as redis_py
