@@ -332,8 +332,9 @@ class EndpointPickerConfig(_Section):
     """The GAIE endpoint-picker protocol (proposal 004): what kv-extproc tells the proxy."""
 
     fallback_endpoints: int = 0
-    """Alternates after the chosen pod in the destination list (best first). ORIGINAL_DST
-    clusters read one address: keep 0 with envoy.yaml; envoy-override-host.yaml retries down the list."""
+    """Alternates after the chosen pod in the destination list (best first). envoy.yaml (the
+    override-host policy) retries down the list: 2. ORIGINAL_DST configs (envoy-original-dst.yaml,
+    envoy-full-duplex.yaml) read one address: keep 0 (the default, which every shipped config reads)."""
 
     def __post_init__(self) -> None:
         if self.fallback_endpoints < 0:

@@ -24,8 +24,8 @@ from tests.conftest import MODEL
 BLOCK_SIZE = 64
 BODY_LIMIT = 1024 * 1024
 KEY_PREFIX = "matrix:kv:block:"
-MODES = ["envoy.yaml", "envoy-full-duplex.yaml", "envoy-override-host.yaml"]
-MODE_IDS = ["buffered", "full-duplex", "override-host"]
+MODES = ["envoy.yaml", "envoy-full-duplex.yaml", "envoy-original-dst.yaml"]
+MODE_IDS = ["override-host", "full-duplex", "original-dst"]
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def served(client: httpx.Client, n: int, tenant_from: int = 0) -> list[str]:
 
 
 def render_dns_envoy(extproc_listen: str, dns: DnsTestServer, http_port: int) -> dict:
-    conf = launcher.render_envoy("envoy-override-host.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
+    conf = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
                                  admin=f"127.0.0.1:{launcher.free_port()}", extproc=[extproc_listen],
                                  pods=[f"{NAME}:{http_port}"])
     cluster = next(c for c in conf["static_resources"]["clusters"] if c["name"] == "vllm_pods")
@@ -148,7 +148,7 @@ def test_kubernetes_discovery_follows_readiness_and_new_pods_and_purges_after_pu
         del conf["pods"]
         proc = launcher.start_extproc(conf, workdir)
         from tests.integration.conftest import envoy_for
-        proxy = envoy_for("envoy.yaml", [proc.listen], {h: pods[h] for h in hosts}, workdir)
+        proxy = envoy_for("envoy-original-dst.yaml", [proc.listen], {h: pods[h] for h in hosts}, workdir)
         r = redis.Redis.from_url(server.url)
         try:
             with httpx.Client(base_url=proxy.url, timeout=20) as client:

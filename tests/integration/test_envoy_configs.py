@@ -24,7 +24,7 @@ def _ext_proc(conf: dict) -> dict:
 
 
 def test_variants_differ_from_the_default_only_in_processing_mode():
-    base = yaml.safe_load((launcher.envoy_config_dir() / "envoy.yaml").read_text())
+    base = yaml.safe_load((launcher.envoy_config_dir() / "envoy-original-dst.yaml").read_text())
     duplex = yaml.safe_load((launcher.envoy_config_dir() / "envoy-full-duplex.yaml").read_text())
     assert _ext_proc(duplex)["typed_config"]["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
     for conf in (base, duplex):
@@ -48,9 +48,9 @@ def test_every_shipped_config_names_the_fallback_list_length_it_pairs_with(name)
     assert (paired == 0) == original_dst, "ORIGINAL_DST reads one address; a list needs the override-host policy"
 
 
-def test_the_override_host_config_keeps_the_default_promises_and_retries_down_the_list():
-    base = yaml.safe_load((launcher.envoy_config_dir() / "envoy.yaml").read_text())
-    override = yaml.safe_load((launcher.envoy_config_dir() / "envoy-override-host.yaml").read_text())
+def test_the_default_override_host_config_keeps_the_former_defaults_promises_and_retries_down_the_list():
+    base = yaml.safe_load((launcher.envoy_config_dir() / "envoy-original-dst.yaml").read_text())
+    override = yaml.safe_load((launcher.envoy_config_dir() / "envoy.yaml").read_text())
     listener = override["static_resources"]["listeners"][0]
     assert listener["per_connection_buffer_limit_bytes"] == base["static_resources"]["listeners"][0][
         "per_connection_buffer_limit_bytes"]

@@ -51,7 +51,7 @@ def metric(proc, name: str) -> float:
 
 
 
-FAIL_OPEN = ["envoy.yaml", "envoy-override-host.yaml"]
+FAIL_OPEN = ["envoy.yaml", "envoy-original-dst.yaml"]
 
 
 @pytest.mark.parametrize("name", FAIL_OPEN)

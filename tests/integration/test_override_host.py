@@ -1,9 +1,9 @@
-"""Retrying on the next-best pod: envoy-override-host.yaml with kv-extproc's fallback list,
+"""Retrying on the next-best pod: envoy.yaml (the override-host policy) with kv-extproc's fallback list,
 through the real Envoy, against simulated pods running as their own processes so that a pod
 can be SIGKILLed (its listening socket and every open connection die with it).
 
 Also: each shipped Envoy config with the fallbackEndpoints it pairs with, and the pod-kill
-under steady load measurement on envoy-override-host.yaml and on envoy.yaml for comparison.
+under steady load measurement on envoy.yaml and on envoy-original-dst.yaml (ORIGINAL_DST) for comparison.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def test_each_shipped_config_works_with_the_fallback_list_it_pairs_with(name, wo
 
 
 def test_an_original_dst_config_cannot_read_a_fallback_list(workdir, tokenizer_dir):
-    """Why the pairing matters: a list sent to envoy.yaml names no single upstream."""
-    with fleet(workdir, tokenizer_dir, "envoy.yaml", 70, fallbacks=2) as (_, pods, proc, proxy):
+    """Why the pairing matters: a list sent to an ORIGINAL_DST config names no single upstream."""
+    with fleet(workdir, tokenizer_dir, "envoy-original-dst.yaml", 70, fallbacks=2) as (_, pods, proc, proxy):
         with httpx.Client(base_url=proxy.url, timeout=20) as client:
             statuses = {ask(client, i).status_code for i in range(3)}
         assert statuses != {200}
@@ -106,7 +106,7 @@ def test_an_original_dst_config_cannot_read_a_fallback_list(workdir, tokenizer_d
 
 def test_the_chosen_pod_killed_just_before_requests_arrive_they_are_served_by_the_second_choice(
         workdir, tokenizer_dir, tokenizer):
-    with fleet(workdir, tokenizer_dir, "envoy-override-host.yaml", 73) as (server, pods, proc, proxy):
+    with fleet(workdir, tokenizer_dir, "envoy.yaml", 73) as (server, pods, proc, proxy):
         r = redis.Redis.from_url(server.url)
         store_prefix(r, tokenizer, "pod-a")
         store_prefix(r, tokenizer, "pod-c", blocks=2)  # second best by cache: the retry goes there
@@ -124,8 +124,8 @@ def test_the_chosen_pod_killed_just_before_requests_arrive_they_are_served_by_th
         r.close()
 
 
-def test_fail_open_spoofing_and_body_limits_hold_on_the_override_host_config(workdir, tokenizer_dir):
-    with fleet(workdir, tokenizer_dir, "envoy-override-host.yaml", 76) as (_, pods, proc, proxy):
+def test_fail_open_spoofing_and_body_limits_hold_on_the_default_override_host_config(workdir, tokenizer_dir):
+    with fleet(workdir, tokenizer_dir, "envoy.yaml", 76) as (_, pods, proc, proxy):
         with httpx.Client(base_url=proxy.url, timeout=20) as client:
             too_big = client.post("/v1/completions", content=b'{"model": "%s", "prompt": "%s"}' % (
                 MODEL.encode(), b"x" * (1024 * 1024 + 10)), headers={"content-type": "application/json"})
@@ -164,9 +164,37 @@ def measure_pod_kill(envoy_name: str, workdir, tokenizer_dir, tokenizer, first_h
 def test_pod_kill_under_steady_load_loses_nothing_on_override_host_and_requests_on_original_dst(
         workdir, tokenizer_dir, tokenizer):
     """The measurement of issue 15, both configs side by side (printed; run with -s to see it)."""
-    override = measure_pod_kill("envoy-override-host.yaml", workdir, tokenizer_dir, tokenizer, 80)
-    original = measure_pod_kill("envoy.yaml", workdir, tokenizer_dir, tokenizer, 84)
+    override = measure_pod_kill("envoy.yaml", workdir, tokenizer_dir, tokenizer, 80)
+    original = measure_pod_kill("envoy-original-dst.yaml", workdir, tokenizer_dir, tokenizer, 84)
     for figures in (override, original):
         print(f"\npod kill under load: {figures}")
     assert override["failed"] == 0, override
     assert original["failed"] > 0, "ORIGINAL_DST has no second address to retry: if this passes, revisit the README"
+
+
+@pytest.mark.parametrize("subset, expect", [(["pod-c"], 200), ([], 503), (["nowhere"], 503)],
+                         ids=["one-endpoint", "empty", "unknown-endpoint"])
+def test_the_proxys_subset_hint_reaches_kv_extproc_through_envoy(subset, expect, workdir, pods, extproc, cache):
+    """A gateway's subset hint (filter metadata envoy.lb.subset_hint, set here by Envoy's
+    set_metadata filter before ext_proc) limits the choice; none eligible -> 503 JSON."""
+    addresses = [pods[name].address if name in pods else "10.9.9.9:8000" for name in subset]
+    conf = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
+                                 admin=f"127.0.0.1:{launcher.free_port()}", extproc=[extproc.listen],
+                                 pods=[pod.address for pod in pods.values()])
+    hcm = conf["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.set_metadata", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+        "metadata": [{"metadata_namespace": "envoy.lb.subset_hint",
+                      "value": {"x-gateway-destination-endpoint-subset": addresses}}]}})
+    proxy = launcher.start_envoy(conf, workdir)
+    try:
+        cache.store("pod-b", cache.keys(cache.chat_tokens(tenant(0))))  # the cache says pod-b
+        with httpx.Client(base_url=proxy.url, timeout=20) as client:
+            replies = [ask(client, i) for i in range(4)]
+        assert {x.status_code for x in replies} == {expect}
+        if expect == 200:
+            assert {x.headers["x-served-by"] for x in replies} == {"pod-c"}, "only the hinted endpoint"
+        else:
+            assert replies[0].json()["error"]["code"] == "no_eligible_endpoint"
+    finally:
+        proxy.proc.stop()

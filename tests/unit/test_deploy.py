@@ -90,7 +90,9 @@ def test_kv_extproc_runs_two_replicas_non_root_with_grpc_readiness_and_a_valid_c
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kv-extproc-config")
     conf = config_mod.from_dict(yaml.safe_load(config_map["data"]["config.yaml"]))
     assert conf.index.backend == "redis" and conf.discovery.type == "kubernetes"
-    assert conf.endpoint_picker.fallback_endpoints == 0, "the deployed Envoy is envoy.yaml (ORIGINAL_DST)"
+    from extproc.sim.launcher import paired_fallback_endpoints
+
+    assert conf.endpoint_picker.fallback_endpoints == paired_fallback_endpoints("envoy.yaml"), "paired with envoy.yaml"
 
 
 def test_the_example_vllm_engines_publish_kv_events_with_a_stable_identity():
@@ -119,7 +121,10 @@ def test_the_compose_file_is_consistent_and_its_configs_load(tmp_path):
             assert (COMPOSE_DIR / host).exists(), (name, host)
         if "build" in service:
             assert (COMPOSE_DIR / service["build"]["context"] / service["build"]["dockerfile"]).exists()
-    config_mod.load(COMPOSE_DIR / "kv-extproc.yaml")
+    from extproc.sim.launcher import paired_fallback_endpoints
+
+    assert config_mod.load(COMPOSE_DIR / "kv-extproc.yaml").endpoint_picker.fallback_endpoints == \
+        paired_fallback_endpoints("envoy.yaml")
     envoy_validates((COMPOSE_DIR / "envoy.yaml").read_text(), tmp_path)
 
 
