@@ -17,7 +17,7 @@ from . import config as config_mod
 from . import logs, scoring
 from .config import Config, ConfigError
 from .discovery import DiscoveryMetrics, open_source
-from .discovery.membership import Membership, with_pods
+from .discovery.membership import Membership
 from .events.ingest import Ingester
 from .health import Readiness
 from .index import BlockIndex, open_index
@@ -127,7 +127,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
         await ingester.start()
         if membership is not None:
-            membership.reconfigure = ingester.reconfigure
+            await membership.attach(ingester.reconfigure)
     if membership is not None and ingester is None:
         membership.purge = index.purge_pod
     if config.pod_health.enabled:
@@ -252,7 +252,7 @@ async def ingest(config: Config, config_path: str | None = None) -> None:
     ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
     await ingester.start()
     if membership is not None:
-        membership.reconfigure = ingester.reconfigure
+        await membership.attach(ingester.reconfigure)
     metrics.watch_pods(None, ingester)
     metrics_server = _serve_metrics(config, metrics)
     log.info("kv-extproc ingesting KV events from %d pod(s) into the %s index", len(ingester.feeds), config.index.backend)

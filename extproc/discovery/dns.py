@@ -11,7 +11,6 @@ import asyncio
 import logging
 
 import dns.asyncresolver
-import dns.exception
 import dns.resolver
 
 from ..config import DnsDiscovery, PodConfig
@@ -68,9 +67,9 @@ class DnsSource:
         ips = await self.resolve()
         if ips != self._last:
             log.info("dns %s: %d pod(s): %s", self.conf.name, len(ips), ", ".join(ips) or "none")
-            self._last = ips
             self.metrics.pods.set(len(ips))
             await publish(pods_for(ips, self.conf))
+            self._last = ips  # only once applied: a failed publish is tried again next round
         await asyncio.sleep(self.conf.interval)
 
     async def run(self, publish: Publish) -> None:

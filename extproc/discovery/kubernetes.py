@@ -178,6 +178,7 @@ class KubernetesSource:
         ends it (an error keeps what was seen so far in ``self.version``)."""
         version = self.version
         timeout = int(self.conf.watch_timeout)
+        await self._publish(selection, publish)  # a set whose publishing failed is tried again
         async with Watch(return_type="object") as watch:
             stream = watch.stream(core.list_namespaced_pod, self.namespace, label_selector=selection.selector,
                                   resource_version=version, allow_watch_bookmarks=True, timeout_seconds=timeout,
@@ -208,10 +209,10 @@ class KubernetesSource:
                     self._skipped.add(name)
                     log.warning("kubernetes: skipping %s", exc)
         if ready != self._published:
-            self._published = ready
             self.metrics.pods.set(len(ready))
             log.info("kubernetes: %d ready endpoint(s): %s", len(ready), ", ".join(p.id for p in ready) or "none")
             await publish(ready)
+            self._published = ready  # only once applied: a failed publish is tried again
 
     async def _read_pool(self) -> tuple[dict, str]:
         custom = client.CustomObjectsApi(self.api)

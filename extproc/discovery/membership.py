@@ -84,6 +84,13 @@ class Membership:
             return
         await self.reconfigure(self.ingest_config())
 
+    async def attach(self, reconfigure: Callable[[Config], Awaitable[None]]) -> None:
+        """Hand subscriptions to an ingester started from ``ingest_config()``; pod sets published
+        while it started are applied now."""
+        async with self._lock:
+            self.reconfigure = reconfigure
+            await self._subscribe()
+
     def ingest_config(self) -> Config:
         """The config an ingester starts from: ready pods plus those still within purgeAfter."""
         return with_pods(self.config, self._listed())

@@ -23,7 +23,7 @@ from extproc.sim.pod import SimulatedPod
 from tests.conftest import MODEL
 from tests.harness.dns_server import DnsTestServer, Zone
 from tests.harness.kube_api import FakeKubeApi
-from tests.integration.conftest import BLOCK_SIZE, extproc_config, wait_until
+from tests.integration.conftest import extproc_config, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -324,3 +324,23 @@ async def test_a_pod_back_within_purge_after_keeps_its_entries():
     await asyncio.sleep(0.25)
     await membership.expire()
     assert purged == ["a"], "without an ingester in the process, the index is purged directly"
+
+
+async def test_a_pod_set_whose_publishing_failed_is_published_again(dns_server):
+    name = "vllm.retry"
+    dns_server.zone.set(name, ["127.0.0.41"])
+    m = metrics()
+    attempts: list[list[str]] = []
+
+    async def flaky(pods: list[PodConfig]) -> None:
+        attempts.append([p.id for p in pods])
+        if len(attempts) == 1:
+            raise RuntimeError("the ingester could not subscribe")
+
+    conf = DnsDiscovery(name=name, nameserver=dns_server.address, interval=0.05)
+    task = asyncio.ensure_future(DnsSource(conf, m).run(flaky))
+    try:
+        await until(lambda: len(attempts) >= 2, what="a second attempt")
+        assert attempts[:2] == [["127.0.0.41:8000"]] * 2 and m.errors.labels("dns")._value.get() == 1
+    finally:
+        task.cancel()
