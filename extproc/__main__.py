@@ -17,6 +17,8 @@ import uvloop
 from . import config as config_mod
 from . import logs, scoring
 from .config import Config, ConfigError
+from .discovery import DiscoveryMetrics, open_source
+from .discovery.membership import Membership
 from .events.ingest import Ingester
 from .health import Readiness
 from .index import BlockIndex, IndexUnavailable, open_index
@@ -85,7 +87,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     )
     index = open_index(config.index)
     await index.check_credentials()
-    pool = PodPool(config.pods)
+    pool = PodPool(config.pods, [m.name for m in config.models])
     cache = build_cache(config)
     indexer = Indexer(
         tokenizers,
@@ -100,7 +102,8 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
                     log_prompts=config.log_prompts)
     service = ExtProcService(router, metrics, routing_header=config.routing_header,
-                             max_body_bytes=config.limits.max_body_bytes, max_messages=config.limits.max_messages)
+                             max_body_bytes=config.limits.max_body_bytes, max_messages=config.limits.max_messages,
+                             fallback_endpoints=config.endpoint_picker.fallback_endpoints)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=config.limits.max_concurrent_streams)
@@ -108,6 +111,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     readiness = Readiness(server)
     _listen(server, config)
     await server.start()
+    await readiness.live()
     signals = Signals()
 
     background: list[asyncio.Future] = []
@@ -117,10 +121,22 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         background.append(asyncio.ensure_future(_clean_cache(cache, config.cache_cleanup_interval)))
         if config.prefix_store_config.mirror and not index.local:
             background.append(asyncio.ensure_future(_keep_mirror(indexer)))
+    membership = None
+    if config.discovery.type != "static":
+        membership, found = await _discover(config, metrics, background, signals, pool=pool)
+        if not found:
+            await server.stop(0)
+            await index.close()
+            tokenizers.close()
+            return
     ingester = None
     if config.ingest.enabled:
-        ingester = Ingester(index, config, metrics)
+        ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
         await ingester.start()
+        if membership is not None:
+            await membership.attach(ingester.reconfigure)
+    if membership is not None and ingester is None:
+        membership.purge = index.purge_pod
     if config.pod_health.enabled:
         async def purge(pod_id: str) -> None:
             if ingester is not None:
@@ -141,17 +157,21 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     )
 
     async def reload(new: Config) -> None:
-        pool.update(new.pods)
         tokenizers.set_sources(_tokenizer_sources(new))
-        if ingester is not None:
-            await ingester.reconfigure(new)
+        if membership is not None:
+            await membership.reload(new)
+        else:
+            pool.update(new.pods, [m.name for m in new.models])
+            if ingester is not None:
+                await ingester.reconfigure(new)
         for model in new.models:
             background.append(asyncio.ensure_future(_preload(tokenizers, model.name)))
         log.info("config reloaded: %d pods, %d models", len(pool), len(new.models))
 
     background.append(asyncio.ensure_future(
         readiness.become_ready(tokenizers, [m.name for m in config.models], index,
-                               require_index=config.health.require_index, interval=config.health.check_interval)))
+                               require_index=config.health.require_index, interval=config.health.check_interval,
+                               synced=membership.synced if membership else None)))
     if config_path is not None:
         background.append(asyncio.ensure_future(_watch(config_path, config, signals, reload)))
     try:
@@ -207,7 +227,8 @@ async def _watch(path: str, current: Config, signals: Signals, apply) -> None:
             log.error("config not reloaded, keeping the running one: %s", exc)
             continue
         fixed = [name for name in ("listen", "metrics_listen", "index", "tls", "routing_header", "block_size_to_hash",
-                                   "hash_scheme") if getattr(new, name) != getattr(current, name)]
+                                   "hash_scheme", "discovery", "endpoint_picker")
+                 if getattr(new, name) != getattr(current, name)]
         if fixed:
             log.warning("config changes to %s need a restart; applying pods and models only", ", ".join(fixed))
         await apply(new)
@@ -243,16 +264,28 @@ async def ingest(config: Config, config_path: str | None = None) -> None:
     metrics = Metrics()
     index: BlockIndex = open_index(config.index)
     await index.check_credentials()
-    ingester = Ingester(index, config, metrics)
+    signals = Signals()
+    background: list[asyncio.Future] = []
+    membership = None
+    if config.discovery.type != "static":
+        membership, found = await _discover(config, metrics, background, signals)
+        if not found:
+            await index.close()
+            return
+    ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
     await ingester.start()
+    if membership is not None:
+        await membership.attach(ingester.reconfigure)
     metrics.watch_pods(None, ingester)
     metrics_server = _serve_metrics(config, metrics)
-    signals = Signals()
     log.info("kv-extproc ingesting KV events from %d pod(s) into the %s index", len(ingester.feeds), config.index.backend)
     watcher = None
     if config_path is not None:
         async def apply(new: Config) -> None:
-            await ingester.reconfigure(new)
+            if membership is not None:
+                await membership.reload(new)
+            else:
+                await ingester.reconfigure(new)
             log.info("config reloaded: %d pods with KV events", len(ingester.feeds))
 
         watcher = asyncio.ensure_future(_watch(config_path, config, signals, apply))
@@ -261,9 +294,30 @@ async def ingest(config: Config, config_path: str | None = None) -> None:
     finally:
         if watcher is not None:
             watcher.cancel()
+        for task in background:
+            task.cancel()
         await ingester.stop()
         metrics_server.shutdown()
         await index.close()
+
+
+async def _discover(config: Config, metrics: Metrics, background: list, signals: Signals, *,
+                    pool: PodPool | None = None) -> tuple[Membership, bool]:
+    """Start the discovery source; wait for its first pod set (False: asked to stop first)."""
+    source = open_source(config, DiscoveryMetrics.on(metrics.registry))
+    membership = Membership(config, pool, purge_after=config.discovery.purge_after)
+    background.append(asyncio.ensure_future(source.run(membership.apply)))
+    background.append(asyncio.ensure_future(membership.run()))
+    log.info("discovering pods (%s); waiting for the first pod set", source.name)
+    waits = [asyncio.ensure_future(membership.synced.wait()), asyncio.ensure_future(signals.stop.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    if not membership.synced.is_set():
+        for task in background:
+            task.cancel()
+        return membership, False
+    return membership, True
 
 
 def _serve_metrics(config: Config, metrics: Metrics):

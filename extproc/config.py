@@ -262,6 +262,95 @@ class PodHealthConfig(_Section):
             raise ValueError("unhealthyAfter and purgeAfter must not be negative")
 
 
+class KubernetesDiscovery(_Section):
+    """Pods from the Kubernetes API (list + watch), as a GAIE InferencePool selects them."""
+
+    namespace: str = ""
+    """Where the pods are; empty = this pod's own namespace (the service account's)."""
+    label_selector: str = ""
+    """Pods to take, e.g. "app=vllm" (ignored when inferencePool is set: its selector is used)."""
+    inference_pool: str = ""
+    """A GAIE InferencePool (inference.networking.k8s.io/v1) by name: its selector and targetPorts."""
+    target_ports: list[int] = msgspec.field(default_factory=lambda: [8000])
+    """Where requests go on each pod (the InferencePool's targetPorts replace these)."""
+    kv_events_port: int = 0
+    """The engines' KV event port (vLLM's --kv-events-config endpoint); 0 = no subscription.
+    With several target ports, target port i publishes on kvEventsPort + i (vLLM adds the rank)."""
+    kv_replay_port: int = 0
+    model_label: str = ""
+    """A pod label naming its served model (compared in label-safe form, e.g. Qwen-Qwen3-0.6B)."""
+    models: list[str] = []
+    """Models every discovered pod serves when modelLabel is unset (empty = every configured model)."""
+    api_server: str = ""
+    """Empty: the in-cluster service account; else a URL (e.g. http://127.0.0.1:8001, kubectl proxy)."""
+    kubeconfig: str = ""
+    watch_timeout: Duration = Duration(300.0)
+    """Each watch asks the API server to end it after this long; the next resumes from the last resourceVersion."""
+
+    def __post_init__(self) -> None:
+        if not self.label_selector and not self.inference_pool:
+            raise ValueError("kubernetes discovery needs labelSelector or inferencePool")
+        if not self.target_ports or not all(0 < p < 65536 for p in self.target_ports):
+            raise ValueError("targetPorts must list ports between 1 and 65535")
+        _positive("watchTimeout", self.watch_timeout)
+
+
+class DnsDiscovery(_Section):
+    """Pods from a headless Service's A/AAAA records, resolved every ``interval``."""
+
+    name: str
+    """The name to resolve, e.g. vllm.default.svc.cluster.local."""
+    port: int = 8000
+    """Where requests go (A records carry no port)."""
+    kv_events_port: int = 0
+    kv_replay_port: int = 0
+    models: list[str] = []
+    nameserver: str = ""
+    """host:port of the DNS server to ask; empty = the system resolver (/etc/resolv.conf)."""
+    interval: Duration = Duration(5.0)
+    timeout: Duration = Duration(2.0)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("dns discovery needs a name")
+        if self.nameserver:
+            _address("nameserver", self.nameserver)
+        _positive("interval", self.interval)
+        _positive("timeout", self.timeout)
+
+
+class DiscoveryConfig(_Section):
+    """Where the pod list comes from: the config's ``pods`` (static), Kubernetes, or DNS."""
+
+    type: Literal["static", "kubernetes", "dns"] = "static"
+    kubernetes: KubernetesDiscovery | None = None
+    dns: DnsDiscovery | None = None
+    purge_after: Duration = Duration(30.0)
+    """A pod that left (deleted, unready, no longer resolved) gets no traffic at once; its index
+    entries are dropped this long after, unless it is back by then (0 = at once)."""
+
+    def __post_init__(self) -> None:
+        if self.purge_after < 0:
+            raise ValueError("purgeAfter must not be negative")
+        if self.type == "kubernetes" and self.kubernetes is None:
+            raise ValueError("discovery.type kubernetes needs a kubernetes section")
+        if self.type == "dns" and self.dns is None:
+            raise ValueError("discovery.type dns needs a dns section")
+
+
+class EndpointPickerConfig(_Section):
+    """The GAIE endpoint-picker protocol (proposal 004): what kv-extproc tells the proxy."""
+
+    fallback_endpoints: int = 0
+    """Alternates after the chosen pod in the destination list (best first). envoy.yaml (the
+    override-host policy) retries down the list: 2. ORIGINAL_DST configs (envoy-original-dst.yaml,
+    envoy-full-duplex.yaml) read one address: keep 0 (the default, which every shipped config reads)."""
+
+    def __post_init__(self) -> None:
+        if self.fallback_endpoints < 0:
+            raise ValueError("fallbackEndpoints must not be negative")
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:9002"
     metrics_listen: str = "127.0.0.1:9090"
@@ -294,6 +383,8 @@ class Config(_Section):
     """How often the config file is checked for changes (0: only on SIGHUP)."""
     models: list[ModelConfig] = []
     pods: list[PodConfig] = []
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    endpoint_picker: EndpointPickerConfig = EndpointPickerConfig()
 
     def __post_init__(self) -> None:
         _address("listen", self.listen)
@@ -314,6 +405,11 @@ class Config(_Section):
         _unique("models", [m.name for m in self.models])
         _unique("pods", [p.id for p in self.pods])
         known = {m.name for m in self.models}
+        if self.discovery.type != "static" and self.pods:
+            raise ValueError(f"pods are listed but discovery.type is {self.discovery.type}: list them or discover them")
+        fixed = (self.discovery.kubernetes or self.discovery.dns).models if self.discovery.type != "static" else []
+        if [m for m in fixed if m not in known]:
+            raise ValueError(f"discovery serves unknown model(s) {[m for m in fixed if m not in known]}; add them under models")
         for pod in self.pods:
             if (pod.kv_events or self.ingest.bind) and not pod.models and len(self.models) > 1:
                 raise ValueError(f"pod {pod.id!r} publishes KV events but its models are not listed; list them")

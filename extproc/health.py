@@ -1,7 +1,10 @@
-"""Readiness on the standard gRPC health service, on the ext_proc port itself.
+"""Liveness and readiness on the standard gRPC health service, on the ext_proc port itself.
 
-NOT_SERVING until every configured model's tokenizer is loaded and the index has
-answered once: before that, each request would fall back to load-based routing.
+Service names as the endpoint-picker protocol (GAIE proposal 004) expects: ``liveness`` is
+SERVING while the process answers; ``readiness``, the ext_proc service name and "" are
+NOT_SERVING until every configured model's tokenizer is loaded, the index has answered once
+and discovery has its first pod set (before that, requests would fall back or find no pod),
+and again from SIGTERM on.
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+LIVENESS = "liveness"
+READINESS = "readiness"
+
+
 class Readiness:
-    SERVICES = ("", SERVICE_NAME)
+    SERVICES = ("", READINESS, SERVICE_NAME)
 
     def __init__(self, server: grpc.aio.Server):
         self.servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self.ready = False
+
+    async def live(self) -> None:
+        """The process answers gRPC: liveness is SERVING from now on, whatever readiness says."""
+        await self.servicer.set(LIVENESS, SERVING)
 
     async def set(self, ready: bool) -> None:
         self.ready = ready
@@ -37,9 +48,13 @@ class Readiness:
             await self.servicer.set(service, SERVING if ready else NOT_SERVING)
 
     async def become_ready(self, tokenizers: TokenizerManager, models: list[str], index: BlockIndex, *,
-                           require_index: bool = False, interval: float = 5.0) -> None:
-        """Wait for tokenizers and a first index answer; then, if asked, follow the index's health."""
+                           require_index: bool = False, interval: float = 5.0,
+                           synced: asyncio.Event | None = None) -> None:
+        """Wait for tokenizers, a first index answer and (with discovery) a first pod set; then,
+        if asked, follow the index's health."""
         await self.set(False)
+        if synced is not None:
+            await synced.wait()
         for model in models:
             while True:
                 try:

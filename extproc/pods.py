@@ -24,18 +24,26 @@ class Pod:
     failing_since: float | None = None
     """Monotonic time of the first failed health check in the current run of failures."""
 
-    def serves(self, model: str) -> bool:
-        return not self.models or model in self.models
+    def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
+        """Listed models, or (none listed) every configured model; any model when none is configured."""
+        if self.models:
+            return model in self.models
+        return not known or model in known
 
 
 class PodPool:
-    def __init__(self, pods: Iterable[PodConfig] = ()):
+    def __init__(self, pods: Iterable[PodConfig] = (), models: Iterable[str] = ()):
         self._pods: dict[str, Pod] = {}
         self._turn = 0
+        self.models: frozenset[str] = frozenset(models)
+        """The configured model names: a pod listing none serves each of them."""
         self.update(pods)
 
-    def update(self, pods: Iterable[PodConfig]) -> None:
-        """Adopt a new pod list; pods that stay keep their in-flight counts."""
+    def update(self, pods: Iterable[PodConfig], models: Iterable[str] | None = None) -> None:
+        """Adopt a new pod list (from the config or discovery); pods that stay keep their
+        in-flight counts and health."""
+        if models is not None:
+            self.models = frozenset(models)
         fresh: dict[str, Pod] = {}
         for conf in pods:
             pod = self._pods.get(conf.id) or Pod(conf.id, conf.address)
@@ -55,7 +63,7 @@ class PodPool:
 
     def serving(self, model: str) -> list[Pod]:
         """Every configured pod serving the model, healthy or not."""
-        return [pod for pod in self._pods.values() if pod.serves(model)]
+        return [pod for pod in self._pods.values() if pod.serves(model, self.models)]
 
     def healthy(self) -> list[Pod]:
         return [pod for pod in self._pods.values() if pod.healthy]

@@ -45,6 +45,8 @@ class RoutingRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    subset: frozenset[str] | None = None
+    """The proxy's subset hint (ip:port endpoints this request may go to), if it sent one."""
 
 
 def is_routed_path(path: str) -> bool:

@@ -1,12 +1,15 @@
 """The routing decision: filters, the prefix lookup, scorers and a picker (scoring/).
 
 Nothing here may lose a request: every failure on the way (tokenizer, index, time budget)
-ends in a load-based pick, counted by reason.
+ends in a load-based pick, counted by reason. Only when no pod may take the request is it
+answered at once (NoRoute): 404 for a model no pod serves (the client's mistake), 503 when
+the model's pods exist but none is ready or in the proxy's subset hint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -16,6 +19,7 @@ from .metrics import Metrics
 from .pods import PodPool
 from .requests import RoutingRequest
 from .scoring import Context, Decision, Profile
+from .scoring.filters import SubsetHint
 from .tokenization import TokenizerBusy, TokenizerUnavailable
 
 log = logging.getLogger("extproc.routing")
@@ -36,6 +40,21 @@ class ThrottledLog:
             self._logger.warning("%s (reason=%s; repeats suppressed for %.0fs)", message, reason, self._interval)
 
 
+class NoRoute(Exception):
+    """No pod may take this request: the client gets ``status`` with an OpenAI-style JSON error."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> bytes:
+        kind = "invalid_request_error" if self.status < 500 else "service_unavailable_error"
+        param = "model" if self.code == "model_not_found" else None
+        return json.dumps({"error": {"message": self.message, "type": kind, "param": param, "code": self.code}}).encode()
+
+
 class Router:
     def __init__(self, pool: PodPool, indexer: Indexer, profile: Profile, metrics: Metrics, *,
                  decision_timeout: float, log_prompts: bool = False):
@@ -46,20 +65,30 @@ class Router:
         self.decision_timeout = decision_timeout
         self.log_prompts = log_prompts
         self._warn = ThrottledLog(log)
+        self._subset = SubsetHint()
+
+    def candidates(self, request: RoutingRequest) -> list:
+        """Pods that may take the request; NoRoute when none may."""
+        serving = self.pool.serving(request.model)
+        if not serving:
+            if request.model in self.pool.models:
+                raise NoRoute(503, "no_ready_pod", f"no ready pod serves model {request.model!r} right now")
+            raise NoRoute(404, "model_not_found", f"The model {request.model!r} does not exist or no pod serves it")
+        candidates = self._subset.filter(request, self.profile.filter(request, serving))
+        if not candidates:
+            if request.subset is not None:
+                raise NoRoute(503, "no_eligible_endpoint",
+                              f"none of the {len(request.subset)} endpoint(s) in the proxy's subset hint is a ready pod "
+                              f"of model {request.model!r}")
+            raise NoRoute(503, "no_ready_pod", f"no ready pod serves model {request.model!r} right now")
+        return candidates
 
     async def route(self, request: RoutingRequest) -> Decision | None:
-        """The pod for this request, or None when no pod is configured at all."""
-        serving = self.pool.serving(request.model)
-        candidates = self.profile.filter(request, serving)
-        if not candidates:
-            if serving:
-                # Every pod of the model fails its health checks: let Envoy's own pool decide.
-                self._count_fallback("no_healthy_pod", f"no healthy pod serves model {request.model!r}")
-                return None
-            healthy = self.pool.healthy()
-            if not healthy:
-                return None
-            return self._fallback("unknown_model", f"no configured pod serves model {request.model!r}", healthy)
+        """The pod (and alternates) for this request; None when nothing is configured at all (no
+        pods, no models: Envoy's default route decides); NoRoute when no pod may take it."""
+        if not len(self.pool) and not self.pool.models:
+            return None
+        candidates = self.candidates(request)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.decision_timeout):
@@ -81,9 +110,7 @@ class Router:
         if any(self.pool.get(pod.id) is not pod for pod in candidates):
             # The pod list was reloaded while we waited on the tokenizer or the index: decide
             # among the pods configured now, so a removed pod gets no traffic from this moment.
-            candidates = self.profile.filter(request, self.pool.serving(request.model)) or self.pool.healthy()
-            if not candidates:
-                return None
+            candidates = self.candidates(request)
         if match.degraded:
             self.metrics.index_errors.inc()
             self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
@@ -117,7 +144,9 @@ class Router:
 
     def _fallback(self, reason: str, message: str, candidates: list) -> Decision:
         self._count_fallback(reason, message)
-        return Decision(self.pool.least_loaded(candidates), 0.0, 0, 0, by_cache=False)
+        pod = self.pool.least_loaded(candidates)
+        alternates = sorted((p for p in candidates if p is not pod), key=lambda p: p.in_flight)
+        return Decision(pod, 0.0, 0, 0, by_cache=False, alternates=tuple(alternates))
 
     def _count_fallback(self, reason: str, message: str) -> None:
         self.metrics.requests.labels("fallback").inc()

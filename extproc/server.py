@@ -8,10 +8,16 @@ BUFFERED: headers are answered at once (minus client routing headers); the route
 the body answer. FULL_DUPLEX_STREAMED: the headers answer is held until the body is
 complete, then sent with the route and a Content-Length, followed by the body, unchanged,
 in chunks. Requests that are not completion calls pass with Envoy's default route.
+
+Endpoint-picker protocol (GAIE proposal 004): the destination is the chosen pod, then up to
+``fallback_endpoints`` alternates, best first ("ip:port,ip:port"), the same value in the header
+and in ``envoy.lb`` metadata; the proxy's subset hint limits the choice; a request no pod may
+take is answered at once (404 unknown model, 503 no ready pod).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +28,7 @@ from . import requests, responses, wire
 from .metrics import Metrics
 from .pods import Pod
 from .requests import RequestError
-from .routing import Router
+from .routing import NoRoute, Router
 
 log = logging.getLogger("extproc.server")
 
@@ -32,12 +38,13 @@ CLIENT_HEADER_PREFIX = "x-kv-"
 
 class ExtProcService:
     def __init__(self, router: Router, metrics: Metrics, *, routing_header: str, max_body_bytes: int,
-                 max_messages: int = 1 << 30):
+                 max_messages: int = 1 << 30, fallback_endpoints: int = 0):
         self.router = router
         self.metrics = metrics
         self.routing_header = routing_header
         self.max_body_bytes = max_body_bytes
         self.max_messages = max_messages
+        self.fallback_endpoints = fallback_endpoints
 
     async def process(self, messages: AsyncIterator, context: grpc.aio.ServicerContext):
         stream = _Stream(self)
@@ -58,7 +65,7 @@ class ExtProcService:
 class _Stream:
     """State of one HTTP request's ext_proc stream."""
 
-    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done")
+    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done", "subset")
 
     def __init__(self, svc: ExtProcService):
         self.svc = svc
@@ -69,9 +76,12 @@ class _Stream:
         self.body = bytearray()
         self.pod: Pod | None = None
         self.done = False
+        self.subset: frozenset[str] | None = None
 
     async def on_message(self, message) -> list[bytes]:
         kind = message.WhichOneof("request")
+        if self.subset is None:
+            self.subset = wire.subset_hint(message)
         if kind == "request_headers":
             if message.HasField("protocol_config"):
                 self.full_duplex = message.protocol_config.request_body_mode == wire.FULL_DUPLEX_STREAMED
@@ -130,13 +140,21 @@ class _Stream:
         except RequestError as exc:
             return [self._reject(exc)]
         self.svc.metrics.stage_seconds.labels("parse").observe(time.perf_counter() - started)
-        decision = await self.svc.router.route(parsed)
+        if self.subset is not None:
+            parsed = dataclasses.replace(parsed, subset=self.subset)
+        try:
+            decision = await self.svc.router.route(parsed)
+        except NoRoute as exc:
+            self.svc.metrics.requests.labels("rejected" if exc.status < 500 else "unavailable").inc()
+            return [responses.immediate(exc.status, exc.body(), f"kv-extproc: {exc.message}")]
         address = None
         if decision is not None:
             self.pod = decision.pod
             self.pod.in_flight += 1
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
+            if self.svc.fallback_endpoints and decision.alternates:
+                address = ",".join([address, *(p.address for p in decision.alternates[:self.svc.fallback_endpoints])])
         header = self.svc.routing_header
         if not self.full_duplex:
             return [responses.body_route(header, address) if address else responses.BODY_CONTINUE]

@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,21 @@ def envoy_config_dir() -> Path:
     if not (checkout / "envoy.yaml").is_file():
         raise RuntimeError("the shipped Envoy configs are not installed (extproc.sim.envoy) nor in a checkout")
     return checkout
+
+
+_PAIRING = re.compile(r"kv-extproc-pairing: fallbackEndpoints=(\d+)")
+
+
+def paired_fallback_endpoints(template: str | Path) -> int:
+    """The endpointPicker.fallbackEndpoints a shipped Envoy config needs, as its header says:
+    ORIGINAL_DST configs read one address (0), the override-host config walks a list."""
+    path = Path(template)
+    if not path.is_absolute():
+        path = envoy_config_dir() / path
+    found = _PAIRING.search(path.read_text())
+    if found is None:
+        raise ValueError(f"{path.name} does not say which fallbackEndpoints it pairs with")
+    return int(found.group(1))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -63,6 +63,7 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
                 "blockSizeToHash": BLOCK_SIZE,
                 "models": [{"name": MODEL, "tokenizer": tokenizer_dir}],
                 "ingest": {"enabled": True, "engineBlockSize": 16},
+                "endpointPicker": {"fallbackEndpoints": launcher.paired_fallback_endpoints("envoy.yaml")},
                 "pods": [{"id": p.pod_id, "address": p.address, "kvEvents": p.engine.publisher.endpoint} for p in pods],
             },
             workdir,

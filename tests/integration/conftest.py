@@ -24,7 +24,8 @@ from tests.conftest import MODEL
 BLOCK_SIZE = 64
 BODY_LIMIT = 1024 * 1024
 KEY_PREFIX = "matrix:kv:block:"
-MODES = ["envoy.yaml", "envoy-full-duplex.yaml"]
+MODES = ["envoy.yaml", "envoy-full-duplex.yaml", "envoy-original-dst.yaml"]
+MODE_IDS = ["override-host", "full-duplex", "original-dst"]
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +89,7 @@ def envoy_for(mode: str, extproc_listen: list[str], pods: dict[str, SimulatedPod
     return launcher.start_envoy(conf, workdir)
 
 
-@pytest.fixture(scope="session", params=MODES, ids=["buffered", "full-duplex"])
+@pytest.fixture(scope="session", params=MODES, ids=MODE_IDS)
 def envoy(request, extproc, pods, workdir):
     proxy = envoy_for(request.param, [extproc.listen], pods, workdir)
     yield proxy

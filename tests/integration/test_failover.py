@@ -51,12 +51,17 @@ def metric(proc, name: str) -> float:
 
 
 
-def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(workdir, pods, tokenizer,
+FAIL_OPEN = ["envoy.yaml", "envoy-original-dst.yaml"]
+
+
+@pytest.mark.parametrize("name", FAIL_OPEN)
+def test_kv_extproc_killed_mid_loop_loses_no_request_and_cache_routing_resumes(name, workdir, pods, tokenizer,
                                                                               tokenizer_dir, redis_server, index):
     store_tenant(index, tokenizer, "pod-b")
-    conf = extproc_config(redis_server.url, pods, tokenizer_dir)
+    conf = extproc_config(redis_server.url, pods, tokenizer_dir,
+                          endpointPicker={"fallbackEndpoints": launcher.paired_fallback_endpoints(name)})
     proc = launcher.start_extproc(conf, workdir)
-    proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
+    proxy = envoy_for(name, [proc.listen], pods, workdir)
     try:
         loop = LoadLoop(proxy.url, total=300, threads=4, prompt=tenant_messages).start()
         loop.wait_for(60)
@@ -99,10 +104,11 @@ def test_full_duplex_mode_does_not_fail_open_on_this_envoy(workdir, pods, tokeni
         proc.proc.stop()
 
 
-def test_a_spoofed_routing_header_with_kv_extproc_down_does_not_pick_the_upstream(workdir, pods, tokenizer_dir,
+@pytest.mark.parametrize("name", FAIL_OPEN)
+def test_a_spoofed_routing_header_with_kv_extproc_down_does_not_pick_the_upstream(name, workdir, pods, tokenizer_dir,
                                                                                  redis_server):
     proc = launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir), workdir)
-    proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
+    proxy = envoy_for(name, [proc.listen], pods, workdir)
     try:
         proc.proc.kill()
         with httpx.Client(base_url=proxy.url, timeout=20) as client:

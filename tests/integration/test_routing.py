@@ -17,7 +17,7 @@ import pytest
 
 from extproc.sim import launcher
 from tests.conftest import MODEL
-from tests.integration.conftest import BODY_LIMIT, MODES, served_by, stack, wait_until
+from tests.integration.conftest import BODY_LIMIT, MODE_IDS, MODES, served_by, stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -146,10 +146,16 @@ def test_a_body_over_the_limit_is_a_413_json_error(http):
     assert reply.json()["error"]["code"] == "request_too_large"
 
 
-def test_an_unknown_model_is_still_routed(client, extproc):
-    reply = client.completions.create(model="not-configured", prompt="hello", max_tokens=1)
-    assert reply.choices[0].text in {"pod-a", "pod-b", "pod-c"}
-    assert re.search(r'kv_extproc_fallbacks_total\{reason="unknown_model"\} [1-9]', extproc.metrics())
+def test_a_model_no_pod_serves_is_a_404_model_not_found(client, http, pods, extproc):
+    """The endpoint-picker protocol's answer: the client's mistake, said at once (no pod is tried)."""
+    before = sum(p.count() for p in pods.values())
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="not-configured", prompt="hello", max_tokens=1)
+    assert err.value.status_code == 404 and err.value.body["code"] == "model_not_found"
+    reply = http.post("/v1/chat/completions", json={"model": "not-configured", "messages": [{"role": "user", "content": "x"}]})
+    assert reply.status_code == 404 and reply.headers["content-type"] == "application/json"
+    assert sum(p.count() for p in pods.values()) == before
+    assert re.search(r'kv_extproc_requests_total\{outcome="rejected"\} [1-9]', extproc.metrics())
 
 
 def test_routing_outcomes_are_counted(client, cache, extproc):
@@ -167,7 +173,7 @@ def _counter(text: str, name: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("mode", MODES, ids=["buffered", "full-duplex"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_redis_stopped_mid_test_requests_still_succeed(mode, workdir, pods, tokenizer_dir, tokenizer):
     with stack(workdir, pods, tokenizer_dir, mode) as (server, proc, proxy):
         import redis as redis_py

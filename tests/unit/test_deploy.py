@@ -18,7 +18,11 @@ COMPOSE_DIR = REPO_ROOT / "deploy" / "compose"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 API = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1", "ConfigMap": "v1",
-       "PersistentVolumeClaim": "v1"}
+       "PersistentVolumeClaim": "v1", "ServiceAccount": "v1", "Role": "rbac.authorization.k8s.io/v1",
+       "RoleBinding": "rbac.authorization.k8s.io/v1", "InferencePool": "inference.networking.k8s.io/v1"}
+CRD = REPO_ROOT / "deploy" / "kubernetes" / "crds" / "inferencepools.inference.networking.k8s.io.yaml"
+KUBERNETES_VERSION = "1.33.0"
+"""The Kubernetes API version whose schemas (kubernetes-validate, offline) the manifests must satisfy."""
 
 
 def k8s_docs() -> list[dict]:
@@ -81,10 +85,14 @@ def test_kv_extproc_runs_two_replicas_non_root_with_grpc_readiness_and_a_valid_c
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 9002
+    assert pod["containers"][0]["readinessProbe"]["grpc"] == {"port": 9002, "service": "readiness"}
+    assert pod["containers"][0]["livenessProbe"]["grpc"] == {"port": 9002, "service": "liveness"}
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kv-extproc-config")
     conf = config_mod.from_dict(yaml.safe_load(config_map["data"]["config.yaml"]))
-    assert conf.index.backend == "redis" and len(conf.pods) >= 2
+    assert conf.index.backend == "redis" and conf.discovery.type == "kubernetes"
+    from extproc.sim.launcher import paired_fallback_endpoints
+
+    assert conf.endpoint_picker.fallback_endpoints == paired_fallback_endpoints("envoy.yaml"), "paired with envoy.yaml"
 
 
 def test_the_example_vllm_engines_publish_kv_events_with_a_stable_identity():
@@ -113,7 +121,10 @@ def test_the_compose_file_is_consistent_and_its_configs_load(tmp_path):
             assert (COMPOSE_DIR / host).exists(), (name, host)
         if "build" in service:
             assert (COMPOSE_DIR / service["build"]["context"] / service["build"]["dockerfile"]).exists()
-    config_mod.load(COMPOSE_DIR / "kv-extproc.yaml")
+    from extproc.sim.launcher import paired_fallback_endpoints
+
+    assert config_mod.load(COMPOSE_DIR / "kv-extproc.yaml").endpoint_picker.fallback_endpoints == \
+        paired_fallback_endpoints("envoy.yaml")
     envoy_validates((COMPOSE_DIR / "envoy.yaml").read_text(), tmp_path)
 
 
@@ -147,3 +158,68 @@ def test_the_deployed_envoy_configs_are_the_shipped_one_with_their_addresses():
     config_map = next(d for d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config")
     assert yaml.safe_load(config_map["data"]["envoy.yaml"]) == render_envoy(
         "envoy.yaml", listen="0.0.0.0:8080", admin="127.0.0.1:9901", extproc=["kv-extproc:9002"], pods=["vllm:8000"])
+
+
+@pytest.mark.parametrize("path", K8S, ids=[p.name for p in K8S])
+def test_every_built_in_manifest_validates_against_the_kubernetes_schemas(path):
+    """kubernetes-validate: the API's own OpenAPI schemas, offline, strict (no unknown fields)."""
+    import kubernetes_validate
+
+    for doc in (d for d in yaml.safe_load_all(path.read_text()) if d):
+        if doc["kind"] == "InferencePool":
+            continue  # a custom resource: checked against its CRD below
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_broken_manifest_is_caught_by_the_schema_check():
+    import kubernetes_validate
+
+    broken = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "x"}, "automountToken": True}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def crd_schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["spec"]["group"] == "inference.networking.k8s.io" and crd["spec"]["names"]["kind"] == "InferencePool"
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def test_the_inference_pool_example_validates_against_the_vendored_crd_schema():
+    import jsonschema
+
+    [pool] = [d for d in k8s_docs() if d["kind"] == "InferencePool"]
+    jsonschema.validate(pool, crd_schema())
+    wrong = {**pool, "spec": {**pool["spec"], "targetPorts": [{"number": 70000}]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong, crd_schema())
+    missing = {**pool, "spec": {k: v for k, v in pool["spec"].items() if k != "endpointPickerRef"}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(missing, crd_schema())
+
+
+def test_discovery_rbac_and_the_pool_fit_together():
+    docs = k8s_docs()
+    conf = config_mod.from_dict(yaml.safe_load(next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kv-extproc-config")["data"]["config.yaml"]))
+    [pool] = [d for d in docs if d["kind"] == "InferencePool"]
+    assert conf.discovery.kubernetes.inference_pool == pool["metadata"]["name"]
+    vllm = next(d for d in docs if d["kind"] == "StatefulSet")
+    labels = vllm["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items(), "the pool selects the engines"
+    ports = {p["containerPort"] for p in vllm["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {p["number"] for p in pool["spec"]["targetPorts"]} <= ports
+    assert {conf.discovery.kubernetes.kv_events_port, conf.discovery.kubernetes.kv_replay_port} <= ports
+    [role] = [d for d in docs if d["kind"] == "Role"]
+    grants = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"list", "watch"} <= grants[("", "pods")]
+    assert {"get", "watch"} <= grants[("inference.networking.k8s.io", "inferencepools")]
+    assert all(not ({"create", "update", "patch", "delete"} & verbs) for verbs in grants.values()), "read only"
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding"]
+    [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"]} in binding["subjects"]
+    for name in ("kv-extproc", "kv-extproc-ingest"):
+        deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
