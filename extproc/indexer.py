@@ -17,7 +17,7 @@ from .blocks import HashScheme, block_keys
 from .index import FEED_LOST, BlockIndex, Invalidation, PodTimes
 from .prefixcache import CachedPodMapping, CacheStats, PrefixCache, pod_set_hash
 from .requests import RoutingRequest
-from .tokenization import TokenizerManager, encode, prompt_text
+from .tokenization import PromptRenderError, TokenizerManager, encode, prompt_text
 
 log = logging.getLogger("extproc.indexer")
 
@@ -193,6 +193,8 @@ class Indexer:
             )
             outcome = "partial" if cached.tokens else "miss"
             return _Prepared(outcome, tokens, None, rendered.block_hash, len(cached.tokens), store)
+        except PromptRenderError:
+            raise  # the client's input, not a cache bug: no traceback
         except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
             log.exception("prefix cache failed; using the full pipeline")
             text, add_special_tokens = prompt_text(tokenizer, request)
