@@ -428,3 +428,20 @@ async def test_a_restarted_kv_extproc_with_the_memory_index_is_cache_aware_again
     finally:
         await ingester.stop()
         pub.close()
+
+
+async def test_an_index_lost_with_redis_is_rebuilt_from_the_replay_buffers(h, tokenizer, index):
+    """Redis restarted without persistence looks like this: every key gone at once."""
+    pub = h.publisher(replay=True)
+    ing = await h.ingester(make_config(h.redis_url, [{"id": "pod-a", "kvEvents": pub.endpoint,
+                                                      "kvReplay": pub.replay_endpoint}]))
+    await h.connect(pub, ing, "pod-a")
+    tokens = prompt_tokens(tokenizer, 21)
+    pub.publish(EngineCache(block_size=ENGINE_BLOCK).admit(tokens)[1])
+    full = len(tokens) // ROUTER_BLOCK
+    assert await wait_for(lambda: h.matched(tokens, "pod-a"), what="indexed") == full
+    index.flushall()
+    started = time.monotonic()
+    assert await wait_for(lambda: h.matched(tokens, "pod-a"), what="rebuilt") == full
+    assert time.monotonic() - started < 3.0, "noticed within the index watch interval"
+    assert ing.metrics.index_lost._value.get() == 1

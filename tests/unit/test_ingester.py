@@ -239,3 +239,18 @@ async def test_writes_lost_in_an_outage_are_rebuilt_once_the_index_is_back(fleet
     index.down = False
     await eventually(lambda: holds(index, "pod-a", tokens), what="rebuilt from the replay buffer")
     assert ing.feeds["pod-a"].unsynced is None
+
+
+async def test_janitor_and_pod_silence_settings_follow_a_reload(fleet):
+    publisher, ingester = fleet
+    pub = publisher()
+    pods = [{"id": "pod-a", "kvEvents": pub.endpoint}]
+    ing = await ingester(make_config(pods, janitorInterval="60s"))
+    await connect(pub, ing, "pod-a")
+    tokens, stored = prefix(8)
+    pub.publish([stored])
+    await eventually(lambda: holds(ing.index, "pod-a", tokens), what="indexed")
+    # The janitor sleeps 60 s under the old settings; the new ones must not wait for that.
+    await ing.reconfigure(make_config(pods, janitorInterval="100ms", podSilenceTimeout="300ms"))
+    await eventually(lambda: counter(ing.metrics.pod_purges, "silent") == 1, timeout=3, what="silent pod dropped")
+    assert await held(ing.index, "pod-a", tokens) == [False, False]

@@ -107,3 +107,39 @@ async def test_finished_tasks_are_forgotten_and_a_name_is_replaced_not_duplicate
     assert sup.names() == ["reload"] and not second.done()
     await sup.stop("reload")
     assert second.done() and len(sup) == 0
+
+
+async def test_readiness_reports_a_critical_task_that_keeps_failing_and_not_a_quiet_one():
+    import grpc
+
+    from extproc.health import Readiness
+    from extproc.index.memory import MemoryIndex
+    from extproc.tokenization import TokenizerManager
+
+    sup = Supervisor(Metrics(), backoff=0.01, failing_after=3, healthy_after=1.0)
+    readiness = Readiness(grpc.aio.server())
+    tokenizers = TokenizerManager({})
+    watcher = asyncio.ensure_future(readiness.become_ready(tokenizers, [], MemoryIndex(), interval=0.1, supervisor=sup))
+    try:
+        await asyncio.sleep(0.2)
+        assert readiness.ready
+        sup.spawn("janitor", lambda: (_ for _ in ()).throw(RuntimeError("not critical")))
+        await asyncio.sleep(0.3)
+        assert readiness.ready, "a task routing does not depend on"
+
+        async def dead_feed():
+            raise RuntimeError("feed broken")
+
+        sup.spawn("feed pod-a", dead_feed, critical=True)
+        await asyncio.sleep(0.4)
+        assert not readiness.ready, "a dead feed leaves routing wrong"
+        await sup.stop("feed pod-a")
+        await asyncio.sleep(1.3)
+        assert readiness.ready, "back once it stopped failing"
+        await readiness.close()
+        await asyncio.sleep(0.3)
+        assert not readiness.ready, "shutting down stays NOT_SERVING"
+    finally:
+        watcher.cancel()
+        await sup.stop_all()
+        tokenizers.close()

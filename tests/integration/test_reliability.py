@@ -1,0 +1,66 @@
+"""A running kv-extproc (real process, real Envoy, real Redis): reloads apply what they can
+and say what they cannot; readiness reports only failures that make routing wrong."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2
+
+from extproc.sim import launcher
+from tests.conftest import MODEL
+from tests.integration.conftest import envoy_for, extproc_config, wait_until
+from tests.integration.test_operations import health
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_reload_applies_live_settings_and_names_the_others(workdir, pods, tokenizer_dir, redis_server):
+    conf = extproc_config(redis_server.url, pods, tokenizer_dir, reloadInterval="0s", logLevel="info")
+    proc = launcher.start_extproc(conf, workdir)
+    proxy = envoy_for("envoy.yaml", [proc.listen], pods, workdir)
+    body = json.dumps({"model": MODEL, "prompt": "x" * 3000}).encode()
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=20) as client:
+            assert client.post("/v1/completions", content=body).status_code == 200
+            changed = {**conf, "limits": {**conf["limits"], "maxBodyBytes": 2000, "maxConcurrentStreams": 10},
+                       "index": {**conf["index"], "keyPrefix": "other:"}, "decisionTimeout": "250ms"}
+            proc.config_path.write_text(json.dumps(changed))
+            proc.proc.popen.send_signal(signal.SIGHUP)
+            wait_until(lambda: client.post("/v1/completions", content=body).status_code == 413, 10,
+                       what="the new body limit in force")
+        log = proc.proc.log()
+        lines = [line for line in log.splitlines() if "need a restart" in line]
+        assert len(lines) == 1, lines
+        assert "index.keyPrefix" in lines[0] and "limits.maxConcurrentStreams" in lines[0]
+        assert "maxBodyBytes" not in lines[0] and "decisionTimeout" not in lines[0]
+        assert "Traceback" not in log
+    finally:
+        proxy.proc.stop()
+        proc.proc.stop()
+
+
+def test_a_redis_outage_does_not_make_a_replica_unready_when_the_index_is_not_required(workdir, pods, tokenizer_dir):
+    """The invalidation subscriber rides the outage out itself (resubscribing every second):
+    routing falls back by load by design, so readiness must not go NOT_SERVING."""
+    server = launcher.start_redis(workdir)
+    conf = extproc_config(server.url, pods, tokenizer_dir, health={"requireIndex": False, "checkInterval": "200ms"},
+                          logLevel="info")
+    proc = launcher.start_extproc(conf, workdir)
+    try:
+        server.proc.kill()
+        deadline = time.monotonic() + 6.0  # past the supervisor's "keeps failing" threshold, were it failing
+        while time.monotonic() < deadline:
+            assert health(proc.listen) == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(0.3)
+        metrics = proc.metrics()
+        assert "kv_extproc_task_restarts_total" not in metrics or \
+            'kv_extproc_task_restarts_total{task="invalidation"}' not in metrics
+        assert "invalidation feed lost" in proc.proc.log()
+    finally:
+        proc.proc.stop()
+        server.proc.stop()
