@@ -168,6 +168,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
                              maximum_concurrent_rpcs=config.limits.max_concurrent_streams)
     server.add_generic_rpc_handlers((service.handler(),))
     readiness = Readiness(server)
+    await readiness.set(False)  # grpc's health servicer starts out SERVING: not before we are ready
     _listen(server, config)
     await server.start()
     signals = Signals()

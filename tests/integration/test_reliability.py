@@ -64,3 +64,28 @@ def test_a_redis_outage_does_not_make_a_replica_unready_when_the_index_is_not_re
     finally:
         proc.proc.stop()
         server.proc.stop()
+
+
+def test_not_serving_until_ready_even_while_start_up_waits_on_a_stalled_redis(workdir, pods, tokenizer_dir,
+                                                                             redis_server):
+    """grpc's health servicer says SERVING until told otherwise, and start-up can wait on Redis
+    (here: a proxy that forwards nothing) after the port is open: Envoy must see NOT_SERVING."""
+    from tests.harness.tcpproxy import StallingProxy
+
+    proxy = StallingProxy(("127.0.0.1", redis_server.port)).start()
+    proxy.stall()
+    conf = extproc_config(f"redis://127.0.0.1:{proxy.port}/0", pods, tokenizer_dir, logLevel="info")
+    proc = launcher.start_extproc(conf, workdir, wait_ready=False)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 9.0  # past the 5 s credential check, into the subscription
+        while time.monotonic() < deadline:
+            seen.add(health(proc.listen))
+            time.sleep(0.1)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        assert health_pb2.HealthCheckResponse.SERVING not in seen
+        proxy.resume()
+        wait_until(lambda: health(proc.listen) == health_pb2.HealthCheckResponse.SERVING, 30, what="SERVING")
+    finally:
+        proc.proc.stop()
+        proxy.close()
