@@ -89,3 +89,39 @@ def test_not_serving_until_ready_even_while_start_up_waits_on_a_stalled_redis(wo
     finally:
         proc.proc.stop()
         proxy.close()
+
+
+async def test_the_invalidation_subscriber_restarts_and_its_listeners_hear_the_feed_was_lost(redis_server):
+    import asyncio
+
+    from extproc import config as config_mod
+    from extproc.index import FEED_LOST, Writes
+    from extproc.index.redis import RedisIndex
+    from extproc.metrics import Metrics
+    from extproc.supervise import Supervisor
+
+    conf = config_mod.IndexConfig(backend="redis", redis_url=redis_server.url, meta_prefix="reliability:")
+    reader, writer = RedisIndex.from_config(conf), RedisIndex.from_config(conf)
+    metrics = Metrics()
+    supervisor = Supervisor(metrics, backoff=0.05)
+    heard: list = []
+
+    def listener(message) -> None:
+        heard.append(message.pod)
+        if len(heard) == 1:
+            raise RuntimeError("a bug in a listener")
+
+    try:
+        await reader.subscribe(listener, supervisor=supervisor)
+        for n in range(3):
+            writes = Writes(at=1.0)
+            writes.store((MODEL, 1000 + n))
+            await writer.apply(f"pod-{n}", writes)
+            await asyncio.sleep(0.3)
+        assert metrics.task_restarts.labels("invalidation")._value.get() == 1
+        assert heard[:2] == ["pod-0", FEED_LOST], "after the restart: anything may have been missed"
+        assert heard[2:] == ["pod-1", "pod-2"], "and the feed goes on"
+    finally:
+        await reader.close()
+        await writer.close()
+        await supervisor.stop_all()

@@ -254,3 +254,21 @@ async def test_janitor_and_pod_silence_settings_follow_a_reload(fleet):
     await ing.reconfigure(make_config(pods, janitorInterval="100ms", podSilenceTimeout="300ms"))
     await eventually(lambda: counter(ing.metrics.pod_purges, "silent") == 1, timeout=3, what="silent pod dropped")
     assert await held(ing.index, "pod-a", tokens) == [False, False]
+
+
+async def test_a_big_purge_reaches_listeners_in_bounded_messages():
+    from extproc.index import Writes
+    from extproc.index.redis import INVALIDATION_CHUNK
+
+    index = MemoryIndex()
+    heard: list = []
+    await index.subscribe(heard.append)
+    writes = Writes(at=1.0)
+    for key in range(5 * INVALIDATION_CHUNK + 7):
+        writes.store((MODEL, key))
+    await index.apply("pod-a", writes)
+    assert max(len(m.stored) for m in heard) <= INVALIDATION_CHUNK and sum(len(m.stored) for m in heard) == 5007
+    heard.clear()
+    assert await index.purge_pod("pod-a") == 5007
+    assert len(heard) == 6 and max(len(m.removed) for m in heard) <= INVALIDATION_CHUNK
+    assert [m.cleared for m in heard] == [False] * 5 + [True], "cleared comes with the last part"
