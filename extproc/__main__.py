@@ -9,6 +9,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -30,6 +33,7 @@ from .pods import PodPool
 from .prefixcache import PrefixCache
 from .routing import Router
 from .server import ExtProcService
+from .supervise import Supervisor
 from .tokenization import TokenizerManager
 
 log = logging.getLogger("extproc")
@@ -76,9 +80,77 @@ class Signals:
         loop.add_signal_handler(signal.SIGHUP, self.reload.set)
 
 
+@dataclass
+class Served:
+    """Everything a reload can change in a running ``serve``; ``apply`` changes it."""
+
+    config: Config
+    """The running config: what was applied, never merely what a file said."""
+    supervisor: Supervisor
+    pool: PodPool
+    tokenizers: TokenizerManager
+    indexer: Indexer
+    router: Router
+    service: ExtProcService
+    readiness: Readiness
+    checker: PodHealthChecker
+    ingester: Ingester | None = None
+    membership: Membership | None = None
+    """With discovery: the discovered pods (a reload changes models and settings, not pods)."""
+
+    def start_pod_health(self) -> None:
+        if self.config.pod_health.enabled:
+            self.supervisor.spawn("podhealth", self.checker.run)
+
+    async def apply(self, new: Config) -> None:
+        """Apply a reloaded config's live settings (config.LIVE_KEYS); the caller has already
+        named the others as needing a restart and kept their running values in ``new``."""
+        profile = scoring.build(new.scoring)  # may refuse the file: before anything changes
+        old, self.config = self.config, new
+        self.tokenizers.set_sources(_tokenizer_sources(new))
+        if self.membership is not None:
+            await self.membership.reload(new)  # subscriptions follow the discovered pods
+        else:
+            self.pool.update(new.pods, [m.name for m in new.models])
+            if self.ingester is not None:
+                await self.ingester.reconfigure(new)
+        self.router.profile = profile
+        self.router.decision_timeout = new.decision_timeout
+        self.router.log_prompts = new.log_prompts
+        self.service.routing_header = new.routing_header
+        self.service.max_body_bytes = new.limits.max_body_bytes
+        self.service.max_messages = new.limits.max_messages
+        self.indexer.max_prompt_tokens = new.limits.max_prompt_tokens
+        self.indexer.max_entry_age = new.index.max_entry_age
+        self.readiness.reconfigure(require_index=new.health.require_index, interval=new.health.check_interval)
+        self.checker.reconfigure(**_pod_health_settings(new))
+        if new.pod_health.enabled != old.pod_health.enabled:
+            if new.pod_health.enabled:
+                self.start_pod_health()
+            else:
+                await self.supervisor.stop("podhealth")
+                for pod in self.pool.all():
+                    pod.healthy, pod.failing_since = True, None
+        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
+            logs.setup(new.log_level, new.log_format)
+        for model in new.models:
+            if not self.tokenizers.loaded(model.name):
+                self.supervisor.spawn(f"preload {model.name}", partial(_preload, self.tokenizers, model.name),
+                                      kind="preload")
+        log.info("config reloaded: %d pods, %d models", len(self.pool), len(new.models))
+
+
+def _pod_health_settings(config: Config) -> dict:
+    ph = config.pod_health
+    return {"path": ph.path, "interval": ph.interval, "timeout": ph.timeout, "unhealthy_after": ph.unhealthy_after,
+            "purge_after": ph.purge_after}
+
+
 async def serve(config: Config, config_path: str | None = None) -> None:
     profile = scoring.build(config.scoring)
     metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    metrics.watch_tasks(supervisor.failing_by_kind)
     tokenizers = TokenizerManager(
         _tokenizer_sources(config),
         workers=config.tokenization.workers,
@@ -109,45 +181,46 @@ async def serve(config: Config, config_path: str | None = None) -> None:
                              maximum_concurrent_rpcs=config.limits.max_concurrent_streams)
     server.add_generic_rpc_handlers((service.handler(),))
     readiness = Readiness(server)
+    await readiness.set(False)  # grpc's health servicer starts out SERVING: not before we are ready
     _listen(server, config)
     await server.start()
     await readiness.live()
     signals = Signals()
 
-    background: list[asyncio.Future] = []
-    if cache is not None:
-        metrics.watch_cache(indexer.get_cache_stats)
-        await index.subscribe(indexer.on_invalidation)
-        background.append(asyncio.ensure_future(_clean_cache(cache, config.cache_cleanup_interval)))
-        if config.prefix_store_config.mirror and not index.local:
-            background.append(asyncio.ensure_future(_keep_mirror(indexer)))
     membership = None
     if config.discovery.type != "static":
-        membership, found = await _discover(config, metrics, background, signals, pool=pool)
+        membership, found = await _discover(config, metrics, supervisor, signals, pool=pool)
         if not found:
+            await supervisor.stop_all()
             await server.stop(0)
             await index.close()
             tokenizers.close()
             return
     ingester = None
     if config.ingest.enabled:
-        ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
+        ingester = Ingester(index, membership.ingest_config() if membership else config, metrics, supervisor=supervisor)
         await ingester.start()
         if membership is not None:
             await membership.attach(ingester.reconfigure)
     if membership is not None and ingester is None:
         membership.purge = index.purge_pod
-    if config.pod_health.enabled:
-        async def purge(pod_id: str) -> None:
-            if ingester is not None:
-                await ingester.purge(pod_id, "dead")
-            else:
-                await index.purge_pod(pod_id)
 
-        ph = config.pod_health
-        checker = PodHealthChecker(pool, path=ph.path, interval=ph.interval, timeout=ph.timeout,
-                                   unhealthy_after=ph.unhealthy_after, purge_after=ph.purge_after, purge=purge)
-        background.append(asyncio.ensure_future(checker.run()))
+    async def purge(pod_id: str) -> None:
+        if ingester is not None:
+            await ingester.purge(pod_id, "dead")
+        else:
+            await index.purge_pod(pod_id)
+
+    checker = PodHealthChecker(pool, **_pod_health_settings(config), purge=purge)
+    served = Served(config, supervisor, pool, tokenizers, indexer, router, service, readiness, checker, ingester,
+                    membership)
+    if cache is not None:
+        metrics.watch_cache(indexer.get_cache_stats)
+        await index.subscribe(indexer.on_invalidation, supervisor=supervisor)
+        supervisor.spawn("cache_cleanup", lambda: _clean_cache(cache, served))
+        if config.prefix_store_config.mirror and not index.local:
+            supervisor.spawn("mirror", lambda: _keep_mirror(indexer))
+    served.start_pod_health()
     metrics.watch_pods(pool, ingester)
     metrics_server = _serve_metrics(config, metrics)
     log.info(
@@ -155,38 +228,26 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         config.listen, " (mTLS)" if config.tls.client_ca_file else " (TLS)" if config.tls.enabled else "",
         config.index.backend, len(pool), len(config.models), config.metrics_listen,
     )
-
-    async def reload(new: Config) -> None:
-        tokenizers.set_sources(_tokenizer_sources(new))
-        if membership is not None:
-            await membership.reload(new)
-        else:
-            pool.update(new.pods, [m.name for m in new.models])
-            if ingester is not None:
-                await ingester.reconfigure(new)
-        for model in new.models:
-            background.append(asyncio.ensure_future(_preload(tokenizers, model.name)))
-        log.info("config reloaded: %d pods, %d models", len(pool), len(new.models))
-
-    background.append(asyncio.ensure_future(
-        readiness.become_ready(tokenizers, [m.name for m in config.models], index,
-                               require_index=config.health.require_index, interval=config.health.check_interval,
-                               synced=membership.synced if membership else None)))
+    supervisor.spawn("readiness", lambda: readiness.become_ready(
+        tokenizers, [m.name for m in config.models], index, require_index=served.config.health.require_index,
+        interval=served.config.health.check_interval, supervisor=supervisor,
+        synced=membership.synced if membership else None))
     if config_path is not None:
-        background.append(asyncio.ensure_future(_watch(config_path, config, signals, reload)))
+        watcher = ConfigWatcher(config_path, signals, lambda: served.config, served.apply)
+        supervisor.spawn("reload", watcher.run)
     try:
         await signals.stop.wait()
     finally:
-        await readiness.set(False)
-        if config.shutdown_delay:
-            log.info("shutting down: NOT_SERVING for %.1fs so traffic moves elsewhere", config.shutdown_delay)
-            await asyncio.sleep(config.shutdown_delay)
+        await readiness.close()
+        delay = served.config.shutdown_delay
+        if delay:
+            log.info("shutting down: NOT_SERVING for %.1fs so traffic moves elsewhere", delay)
+            await asyncio.sleep(delay)
         log.info("shutting down: no new streams, finishing open ones (up to %.0fs)", SHUTDOWN_GRACE_SECONDS)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
-        for task in background:
-            task.cancel()
         if ingester is not None:
             await ingester.stop()
+        await supervisor.stop_all()
         metrics_server.shutdown()
         await index.close()
         tokenizers.close()
@@ -199,45 +260,70 @@ async def _preload(tokenizers: TokenizerManager, model: str) -> None:
         log.warning("%s", exc)
 
 
-async def _watch(path: str, current: Config, signals: Signals, apply) -> None:
-    """Reload pods and models when the file changes or on SIGHUP; a bad file changes nothing."""
-    def stamp() -> tuple[float, int] | None:
+@dataclass
+class ConfigWatcher:
+    """Reloads the config file when it changes or on SIGHUP. A bad file changes nothing;
+    changes that cannot be applied live are named, in one line, as needing a restart, and
+    the running config keeps their old values, so every later reload is compared against
+    what really runs."""
+
+    path: str
+    signals: Signals
+    running: Callable[[], Config]
+    apply: Callable[[Config], Awaitable[None]]
+    _seen: tuple[float, int] | None = field(default=None, init=False)
+
+    def _stamp(self) -> tuple[float, int] | None:
         try:
-            st = os.stat(path)
+            st = os.stat(self.path)
             return st.st_mtime, st.st_size
         except OSError:
             return None
 
-    seen = stamp()
-    interval = current.reload_interval or None
-    while True:
+    async def run(self) -> None:
+        if self._seen is None:
+            self._seen = self._stamp()
+        while True:
+            try:
+                await asyncio.wait_for(self.signals.reload.wait(), self.running().reload_interval or None)
+            except TimeoutError:
+                pass
+            asked = self.signals.reload.is_set()
+            self.signals.reload.clear()
+            now = self._stamp()
+            if not asked and now == self._seen:
+                continue
+            self._seen = now
+            await self.reload()
+
+    async def reload(self) -> None:
         try:
-            await asyncio.wait_for(signals.reload.wait(), interval)
-        except TimeoutError:
-            pass
-        asked = signals.reload.is_set()
-        signals.reload.clear()
-        now = stamp()
-        if not asked and now == seen:
-            continue
-        seen = now
-        try:
-            new = config_mod.load(path)
+            new = config_mod.load(self.path)
         except ConfigError as exc:
             log.error("config not reloaded, keeping the running one: %s", exc)
-            continue
-        fixed = [name for name in ("listen", "metrics_listen", "index", "tls", "routing_header", "block_size_to_hash",
-                                   "hash_scheme", "discovery", "endpoint_picker")
-                 if getattr(new, name) != getattr(current, name)]
+            return
+        current = self.running()
+        changed = config_mod.changed_keys(current, new)
+        if not changed:
+            return
+        fixed = [key for key in changed if not config_mod.is_live(key)]
         if fixed:
-            log.warning("config changes to %s need a restart; applying pods and models only", ", ".join(fixed))
-        await apply(new)
-        current = new
+            log.warning("config changes to %s need a restart to take effect; the running values stay until then",
+                        ", ".join(fixed))
+            try:
+                new = config_mod.running_config(current, new, fixed)
+            except ConfigError as exc:
+                log.error("config not reloaded: its live changes do not fit the running settings: %s", exc)
+                return
+        try:
+            await self.apply(new)
+        except ConfigError as exc:
+            log.error("config not reloaded, keeping the running one: %s", exc)
 
 
-async def _clean_cache(cache: PrefixCache, interval: float) -> None:
+async def _clean_cache(cache: PrefixCache, served: Served) -> None:
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(served.config.cache_cleanup_interval)
         removed = cache.owners.sweep()
         if removed:
             log.debug("prefix cache: %d expired block owner answers removed", removed)
@@ -262,60 +348,61 @@ async def _keep_mirror(indexer: Indexer) -> None:
 async def ingest(config: Config, config_path: str | None = None) -> None:
     """The ingester alone: one per fleet is enough, and two are safe (writes are idempotent)."""
     metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    metrics.watch_tasks(supervisor.failing_by_kind)
     index: BlockIndex = open_index(config.index)
     await index.check_credentials()
     signals = Signals()
-    background: list[asyncio.Future] = []
     membership = None
     if config.discovery.type != "static":
-        membership, found = await _discover(config, metrics, background, signals)
+        membership, found = await _discover(config, metrics, supervisor, signals)
         if not found:
+            await supervisor.stop_all()
             await index.close()
             return
-    ingester = Ingester(index, membership.ingest_config() if membership else config, metrics)
+    ingester = Ingester(index, membership.ingest_config() if membership else config, metrics, supervisor=supervisor)
     await ingester.start()
     if membership is not None:
         await membership.attach(ingester.reconfigure)
     metrics.watch_pods(None, ingester)
     metrics_server = _serve_metrics(config, metrics)
     log.info("kv-extproc ingesting KV events from %d pod(s) into the %s index", len(ingester.feeds), config.index.backend)
-    watcher = None
     if config_path is not None:
+        running = [config]
+
         async def apply(new: Config) -> None:
+            if (new.log_level, new.log_format) != (running[0].log_level, running[0].log_format):
+                logs.setup(new.log_level, new.log_format)
             if membership is not None:
                 await membership.reload(new)
             else:
                 await ingester.reconfigure(new)
+            running[0] = new
             log.info("config reloaded: %d pods with KV events", len(ingester.feeds))
 
-        watcher = asyncio.ensure_future(_watch(config_path, config, signals, apply))
+        supervisor.spawn("reload", ConfigWatcher(config_path, signals, lambda: running[0], apply).run)
     try:
         await signals.stop.wait()
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        for task in background:
-            task.cancel()
         await ingester.stop()
+        await supervisor.stop_all()
         metrics_server.shutdown()
         await index.close()
 
 
-async def _discover(config: Config, metrics: Metrics, background: list, signals: Signals, *,
+async def _discover(config: Config, metrics: Metrics, supervisor: Supervisor, signals: Signals, *,
                     pool: PodPool | None = None) -> tuple[Membership, bool]:
     """Start the discovery source; wait for its first pod set (False: asked to stop first)."""
     source = open_source(config, DiscoveryMetrics.on(metrics.registry))
     membership = Membership(config, pool, purge_after=config.discovery.purge_after)
-    background.append(asyncio.ensure_future(source.run(membership.apply)))
-    background.append(asyncio.ensure_future(membership.run()))
+    supervisor.spawn("discovery", lambda: source.run(membership.apply), critical=True)
+    supervisor.spawn("discovery_expiry", membership.run)
     log.info("discovering pods (%s); waiting for the first pod set", source.name)
     waits = [asyncio.ensure_future(membership.synced.wait()), asyncio.ensure_future(signals.stop.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for task in waits:
         task.cancel()
     if not membership.synced.is_set():
-        for task in background:
-            task.cancel()
         return membership, False
     return membership, True
 

@@ -471,3 +471,56 @@ def load(path: str | Path | None) -> Config:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"config {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
     return from_dict(data)
+
+
+# -- reloads ----------------------------------------------------------------------------
+
+LIVE_KEYS = (
+    "routingHeader", "decisionTimeout", "scoring", "limits.maxBodyBytes", "limits.maxMessages",
+    "limits.maxPromptTokens", "index.maxEntryAge", "ingest.replayTimeout", "ingest.podSilenceTimeout",
+    "ingest.janitorInterval", "cacheCleanupInterval", "logLevel", "logFormat", "logPrompts", "health",
+    "podHealth", "shutdownDelay", "reloadInterval", "models", "pods",
+)
+"""Keys (and sections) a reload applies to the running process. Every other change (the
+listeners, TLS, the index connection, block keys, tokenizer pool, prefix cache, ingester
+sockets) needs a restart and is named so in the log, never silently ignored."""
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted camelCase paths of the settings that differ (lists compare whole)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in a.keys() | b.keys():
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            out.append(path)
+
+    walk(_builtins(old), _builtins(new), "")
+    return sorted(out)
+
+
+def _builtins(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config, enc_hook=lambda value: float(value) if isinstance(value, Duration) else value)
+
+
+def is_live(key: str) -> bool:
+    return any(key == live or key.startswith(live + ".") for live in LIVE_KEYS)
+
+
+def running_config(old: Config, new: Config, keep: list[str]) -> Config:
+    """``new`` with the ``keep`` keys at their ``old`` (running) values: what the process runs
+    after a reload that could not apply them. Raises ConfigError if that mix is invalid."""
+    merged = _builtins(new)
+    running = _builtins(old)
+    for key in keep:
+        *parents, leaf = key.split(".")
+        src, dst = running, merged
+        for part in parents:
+            src, dst = src[part], dst[part]
+        if leaf in src:
+            dst[leaf] = src[leaf]
+        else:
+            dst.pop(leaf, None)
+    return from_dict(merged)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from .index import BlockIndex
 from .server import SERVICE_NAME
+from .supervise import Supervisor
 from .tokenization import TokenizerManager
 
 log = logging.getLogger("extproc.health")
@@ -31,12 +33,19 @@ READINESS = "readiness"
 
 
 class Readiness:
+    """NOT_SERVING until ready; then also while the index is unreachable (with
+    ``health.requireIndex``) or a critical background task keeps failing (a dead KV feed would
+    leave routing wrong, so Envoy should send streams to another replica)."""
+
     SERVICES = ("", READINESS, SERVICE_NAME)
 
     def __init__(self, server: grpc.aio.Server):
         self.servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         self.ready = False
+        self.closing = False
+        self.require_index = False
+        self.interval = 5.0
 
     async def live(self) -> None:
         """The process answers gRPC: liveness is SERVING from now on, whatever readiness says."""
@@ -47,11 +56,20 @@ class Readiness:
         for service in self.SERVICES:
             await self.servicer.set(service, SERVING if ready else NOT_SERVING)
 
+    async def close(self) -> None:
+        """NOT_SERVING for good (shutting down): nothing turns it back."""
+        self.closing = True
+        await self.set(False)
+
+    def reconfigure(self, *, require_index: bool, interval: float) -> None:
+        self.require_index, self.interval = require_index, interval
+
     async def become_ready(self, tokenizers: TokenizerManager, models: list[str], index: BlockIndex, *,
                            require_index: bool = False, interval: float = 5.0,
-                           synced: asyncio.Event | None = None) -> None:
-        """Wait for tokenizers, a first index answer and (with discovery) a first pod set; then,
-        if asked, follow the index's health."""
+                           synced: asyncio.Event | None = None, supervisor: Supervisor | None = None) -> None:
+        """Wait for tokenizers, a first index answer and (with discovery) a first pod set; then
+        follow the index (if asked) and the critical background tasks."""
+        self.reconfigure(require_index=require_index, interval=interval)
         await self.set(False)
         if synced is not None:
             await synced.wait()
@@ -70,16 +88,26 @@ class Readiness:
             except Exception as exc:  # noqa: BLE001
                 log.warning("not ready: index did not answer: %s", exc)
                 await asyncio.sleep(1.0)
+        if self.closing:
+            return
         await self.set(True)
         log.info("ready: %d tokenizer(s) loaded, index answered", len(models))
-        while require_index:
-            await asyncio.sleep(interval)
-            try:
-                await index.ping()
-                healthy = True
-            except Exception:  # noqa: BLE001 - any failure means "index unreachable"
-                healthy = False
-            if healthy != self.ready:
-                log.warning("index %s: readiness now %s", "back" if healthy else "unreachable",
-                            "SERVING" if healthy else "NOT_SERVING")
-                await self.set(healthy)
+        index_ok, pinged = True, time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, self.interval))
+            if not self.require_index:
+                index_ok = True
+            elif time.monotonic() - pinged >= self.interval:
+                pinged = time.monotonic()
+                try:
+                    await index.ping()
+                    index_ok = True
+                except Exception:  # noqa: BLE001 - any failure means "index unreachable"
+                    index_ok = False
+            failing = supervisor.failing() if supervisor is not None else []
+            ready = index_ok and not failing
+            if ready != self.ready and not self.closing:
+                why = "index unreachable" if not index_ok else \
+                    f"failing: {', '.join(f'{t.name} ({t.last_error})' for t in failing)}" if failing else "all well again"
+                log.warning("readiness now %s: %s", "SERVING" if ready else "NOT_SERVING", why)
+                await self.set(ready)

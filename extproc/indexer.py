@@ -25,7 +25,7 @@ from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTim
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.store import INLINE_CHARS
 from .requests import RoutingRequest
-from .tokenization import TokenizerManager, prompt_text
+from .tokenization import PromptRenderError, TokenizerManager, prompt_text
 
 log = logging.getLogger("extproc.indexer")
 
@@ -119,6 +119,8 @@ class Indexer:
         else:
             try:
                 result, outcome, total = await self._tokenized(request)
+            except PromptRenderError:
+                raise  # the client's input, not a cache bug: no traceback
             except Exception:  # noqa: BLE001 - a cache bug must not cost the decision
                 self._log_cache_error()
                 tokens = await self.tokenizers.tokenize(request)

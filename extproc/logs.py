@@ -12,6 +12,36 @@ import sys
 import time
 
 
+class ThrottledLog:
+    """Logs a given reason at most once per interval, so an outage, a misbehaving publisher
+    or a client repeating a bad request cannot flood the logs."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_reasons: int = 1024):
+        self._logger = logger
+        self._interval = interval
+        self._max_reasons = max_reasons
+        self._last: dict[str, float] = {}
+
+    def _due(self, reason: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(reason, -self._interval) < self._interval:
+            return False
+        if len(self._last) >= self._max_reasons and reason not in self._last:
+            self._last.clear()  # reasons are bounded by the caller; this only guards memory
+        self._last[reason] = now
+        return True
+
+    def warning(self, reason: str, message: str) -> None:
+        if self._due(reason):
+            self._logger.warning("%s (reason=%s; repeats suppressed for %.0fs)", message, reason, self._interval)
+
+    def exception(self, reason: str, message: str) -> None:
+        """Inside an ``except`` block: the message with its traceback, at most once per interval."""
+        if self._due(reason):
+            self._logger.error("%s (reason=%s; repeats suppressed for %.0fs)", message, reason, self._interval,
+                               exc_info=True)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {

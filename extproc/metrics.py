@@ -79,6 +79,31 @@ class Metrics:
             "kv_extproc_prefix_cache_lookups", "Routing decisions by prefix cache outcome (hit, partial, miss).",
             ["outcome"], registry=r,
         )
+        self.task_restarts = Counter(
+            "kv_extproc_task_restarts", "Background tasks restarted after an unexpected exception, by task.",
+            ["task"], registry=r,
+        )
+        self.events_rejected = Counter(
+            "kv_extproc_kv_events_rejected",
+            "Well-formed KV events that failed validation and were skipped, by reason.", ["reason"], registry=r,
+        )
+        self.unknown_topics = Counter(
+            "kv_extproc_kv_event_unknown_topic",
+            "Central-mode messages whose topic names no configured pod (dropped).", registry=r,
+        )
+        self.events_dropped = Counter(
+            "kv_extproc_kv_event_dropped",
+            "Central-mode messages dropped because the pod's queue was full (seen later as a gap).", registry=r,
+        )
+        self.index_lost = Counter(
+            "kv_extproc_index_lost",
+            "Times the ingester found the index emptied (e.g. Redis restarted without persistence) and rebuilt it.",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "kv_extproc_internal_errors",
+            "Requests that hit a bug of ours and were passed on unrouted (Envoy's own pool chose).", registry=r,
+        )
         self.in_flight = Gauge(
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )
@@ -87,9 +112,26 @@ class Metrics:
         """Export the configured pods and, with an ingester, how old each pod's index view is."""
         self.registry.register(_PodCollector(pool, ingester))
 
+    def watch_tasks(self, failing_by_kind: Callable[[], dict[str, int]]) -> None:
+        """Export how many critical background tasks keep failing, by task."""
+        self.registry.register(_TaskCollector(failing_by_kind))
+
     def watch_cache(self, get_stats: Callable) -> None:
         """Export the prefix cache's own statistics, read at scrape time."""
         self.registry.register(_CacheCollector(get_stats))
+
+
+class _TaskCollector(Collector):
+    def __init__(self, failing_by_kind: Callable[[], dict[str, int]]):
+        self._failing_by_kind = failing_by_kind
+
+    def collect(self):
+        failing = GaugeMetricFamily("kv_extproc_tasks_failing",
+                                    "Critical background tasks failing again and again (readiness reports them).",
+                                    labels=["task"])
+        for kind, count in sorted(self._failing_by_kind().items()):
+            failing.add_metric([kind], float(count))
+        yield failing
 
 
 class _CacheCollector(Collector):

@@ -13,6 +13,7 @@ import time
 from dataclasses import KW_ONLY, dataclass, field
 from collections.abc import Awaitable, Callable
 
+from .index import IndexUnavailable
 from .pods import Pod, PodPool
 
 log = logging.getLogger("extproc.podhealth")
@@ -39,6 +40,10 @@ async def probe(address: str, path: str, timeout: float) -> bool:
 
 @dataclass
 class PodHealthChecker:
+    """One check loop per pod, so a pod that answers slowly (or not at all, up to ``timeout``)
+    delays nobody else's checks; purges run as their own tasks, off the checking path, so a
+    slow index never holds a verdict back."""
+
     pool: PodPool
     _: KW_ONLY
     path: str
@@ -48,17 +53,49 @@ class PodHealthChecker:
     purge_after: float
     purge: Callable[[str], Awaitable[None]] | None = None
     _purged: set[str] = field(default_factory=set, init=False)
+    _checks: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
+    _purges: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
+
+    def reconfigure(self, *, path: str, interval: float, timeout: float, unhealthy_after: float,
+                    purge_after: float) -> None:
+        """Reloaded settings, used from each loop's next check on."""
+        self.path, self.interval, self.timeout = path, interval, timeout
+        self.unhealthy_after, self.purge_after = unhealthy_after, purge_after
 
     async def run(self) -> None:
+        """Keep one check loop per configured pod as reloads add and remove pods. A loop that
+        died of an exception is re-raised here, so the supervisor logs, counts and restarts."""
+        try:
+            while True:
+                pods = {pod.id for pod in self.pool.all()}
+                for pod_id, task in list(self._checks.items()):
+                    if task.done():
+                        del self._checks[pod_id]
+                        if not task.cancelled() and task.exception() is not None:
+                            raise task.exception()
+                    elif pod_id not in pods:
+                        task.cancel()
+                        del self._checks[pod_id]
+                for pod_id in pods - self._checks.keys():
+                    self._checks[pod_id] = asyncio.ensure_future(self._check_loop(pod_id))
+                await asyncio.sleep(min(self.interval, 1.0))
+        finally:
+            for task in [*self._checks.values(), *self._purges.values()]:
+                task.cancel()
+            self._checks.clear()
+            self._purges.clear()
+
+    async def _check_loop(self, pod_id: str) -> None:
         while True:
-            pods = self.pool.all()
-            results = await asyncio.gather(*(probe(p.address, self.path, self.timeout) for p in pods))
-            now = time.monotonic()
-            for pod, ok in zip(pods, results):
-                await self._record(pod, ok, now)
+            pod = self.pool.get(pod_id)
+            if pod is None:
+                return
+            ok = await probe(pod.address, self.path, self.timeout)
+            if self.pool.get(pod_id) is pod:  # not removed (or replaced) by a reload meanwhile
+                self._record(pod, ok, time.monotonic())
             await asyncio.sleep(self.interval)
 
-    async def _record(self, pod: Pod, ok: bool, now: float) -> None:
+    def _record(self, pod: Pod, ok: bool, now: float) -> None:
         if ok:
             if not pod.healthy:
                 log.warning("pod %s answers its health checks again: back in the candidate set", pod.id)
@@ -75,8 +112,17 @@ class PodHealthChecker:
                 and pod.id not in self._purged):
             self._purged.add(pod.id)
             log.warning("pod %s down for %.1fs: dropping its index entries", pod.id, down_for)
-            try:
-                await self.purge(pod.id)
-            except Exception as exc:  # noqa: BLE001 - retried on the next failure run
-                self._purged.discard(pod.id)
-                log.warning("pod %s: purge failed: %s", pod.id, exc)
+            task = asyncio.ensure_future(self._purge(pod.id))
+            self._purges[pod.id] = task
+            task.add_done_callback(lambda t, pod_id=pod.id: self._purges.pop(pod_id, None) if self._purges.get(pod_id) is t else None)
+
+    async def _purge(self, pod_id: str) -> None:
+        assert self.purge is not None
+        try:
+            await self.purge(pod_id)
+        except IndexUnavailable as exc:
+            self._purged.discard(pod_id)  # retried on the next failed check
+            log.warning("pod %s: purge failed: %s", pod_id, exc)
+        except Exception:  # noqa: BLE001 - a bug: logged in full, retried like an outage
+            self._purged.discard(pod_id)
+            log.exception("pod %s: purge failed", pod_id)

@@ -49,6 +49,13 @@ class RoutingRequest:
     """The proxy's subset hint (ip:port endpoints this request may go to), if it sent one."""
 
 
+REFUSED_TEMPLATE_KWARGS = frozenset({"chat_template", "tokenize"})
+"""chat_template_kwargs vLLM refuses (400): the template and tokenizing are the server's choice."""
+OVERRIDABLE_TEMPLATE_ARGS = {"add_generation_prompt": True, "continue_final_message": False, "tools": None}
+"""Arguments we pass to the chat template ourselves (with their defaults), which
+chat_template_kwargs may override."""
+
+
 def is_routed_path(path: str) -> bool:
     return path.split("?", 1)[0] in ROUTED_PATHS
 
@@ -59,6 +66,8 @@ def parse(path: str, body: bytes, *, max_messages: int = 1 << 30) -> RoutingRequ
         data = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 inside a string too
         raise RequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
     model = data.get("model")
@@ -87,8 +96,12 @@ def _completion(model: str, data: dict[str, Any]) -> RoutingRequest:
     )
 
 
+MAX_TOKEN_ID = 2**32 - 1
+"""Token ids are packed as 4-byte unsigned ints into block keys (vocabularies are far smaller)."""
+
+
 def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
+    return isinstance(value, list) and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in value)
 
 
 def _chat(model: str, data: dict[str, Any], max_messages: int) -> RoutingRequest:
@@ -99,19 +112,26 @@ def _chat(model: str, data: dict[str, Any], max_messages: int) -> RoutingRequest
         raise RequestError(f"too many messages: {len(messages)} (at most {max_messages})", param="messages",
                            code="too_many_messages")
     rendered = [_message(i, m) for i, m in enumerate(messages)]
-    tools = data.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise RequestError("'tools' must be a list", param="tools")
     kwargs = data.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    refused = sorted(REFUSED_TEMPLATE_KWARGS & kwargs.keys())
+    if refused:  # vLLM answers 400 to these as well
+        raise RequestError(f"chat_template_kwargs may not set {', '.join(refused)}", param="chat_template_kwargs")
+    # vLLM lets chat_template_kwargs override the arguments it passes itself, so they decide here too.
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) if name in kwargs else data.get(name, default)
+               for name, default in OVERRIDABLE_TEMPLATE_ARGS.items()}
+    tools = options["tools"]
+    if tools is not None and not isinstance(tools, list):
+        raise RequestError("'tools' must be a list", param="tools")
     return RoutingRequest(
         model=model,
         kind="chat",
         messages=rendered,
         tools=tools or None,
-        add_generation_prompt=bool(data.get("add_generation_prompt", True)),
-        continue_final_message=bool(data.get("continue_final_message", False)),
+        add_generation_prompt=bool(options["add_generation_prompt"]),
+        continue_final_message=bool(options["continue_final_message"]),
         chat_template_kwargs=kwargs,
     )
 

@@ -15,29 +15,15 @@ import time
 
 from .index import IndexUnavailable
 from .indexer import Indexer, PromptTooLong
+from .logs import ThrottledLog
 from .metrics import Metrics
 from .pods import PodPool
 from .requests import RoutingRequest
 from .scoring import Context, Decision, Profile
 from .scoring.filters import SubsetHint
-from .tokenization import TokenizerBusy, TokenizerUnavailable
+from .tokenization import PromptRenderError, TokenizerBusy, TokenizerUnavailable
 
 log = logging.getLogger("extproc.routing")
-
-
-class ThrottledLog:
-    """Logs a given reason at most once per interval, so an outage does not flood logs."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0):
-        self._logger = logger
-        self._interval = interval
-        self._last: dict[str, float] = {}
-
-    def warning(self, reason: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -self._interval) >= self._interval:
-            self._last[reason] = now
-            self._logger.warning("%s (reason=%s; repeats suppressed for %.0fs)", message, reason, self._interval)
 
 
 class NoRoute(Exception):
@@ -99,13 +85,17 @@ class Router:
             return self._fallback("tokenizer_busy", str(exc), candidates)
         except PromptTooLong as exc:
             return self._fallback("prompt_too_long", str(exc), candidates)
+        except PromptRenderError as exc:
+            # The client's messages, tools or template options do not render: the engine
+            # will judge (and most likely refuse) the request; it is not a bug of ours.
+            return self._fallback("template", str(exc), candidates)
         except IndexUnavailable as exc:
             self.metrics.index_errors.inc()
             return self._fallback("index", str(exc), candidates)
         except TimeoutError:
             return self._fallback("timeout", f"no decision within {self.decision_timeout * 1000:.0f} ms", candidates)
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not cost the client its request
-            log.exception("routing failed")
+            self._warn.exception("error_traceback", "routing failed")  # at most once per interval
             return self._fallback("error", f"{type(exc).__name__}: {exc}", candidates)
         if any(self.pool.get(pod.id) is not pod for pod in candidates):
             # The pod list was reloaded while we waited on the tokenizer or the index: decide

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from . import requests, responses, wire
+from .logs import ThrottledLog
 from .metrics import Metrics
 from .pods import Pod
 from .requests import RequestError
@@ -45,12 +46,18 @@ class ExtProcService:
         self.max_body_bytes = max_body_bytes
         self.max_messages = max_messages
         self.fallback_endpoints = fallback_endpoints
+        self.errors = ThrottledLog(log, 10.0)
+        """Tracebacks of the internal-error path, at most one per interval: no client can flood the logs."""
 
     async def process(self, messages: AsyncIterator, context: grpc.aio.ServicerContext):
         stream = _Stream(self)
         try:
             async for message in messages:
-                for answer in await stream.on_message(message):
+                try:
+                    answers = await stream.on_message(message)
+                except Exception:  # noqa: BLE001 - a bug of ours: the request goes on unrouted, never a 500
+                    answers = stream.fail_open(message)
+                for answer in answers:
                     yield answer
         finally:
             stream.release()
@@ -65,7 +72,7 @@ class ExtProcService:
 class _Stream:
     """State of one HTTP request's ext_proc stream."""
 
-    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done", "subset")
+    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done", "subset", "headers_held")
 
     def __init__(self, svc: ExtProcService):
         self.svc = svc
@@ -77,6 +84,8 @@ class _Stream:
         self.pod: Pod | None = None
         self.done = False
         self.subset: frozenset[str] | None = None
+        self.headers_held = False
+        """Full duplex: our answer to the headers waits for the end of the body."""
 
     async def on_message(self, message) -> list[bytes]:
         kind = message.WhichOneof("request")
@@ -114,6 +123,7 @@ class _Stream:
         if not self.routed:
             self.svc.metrics.requests.labels("passthrough").inc()
         if self.routed and self.full_duplex:
+            self.headers_held = True
             return []  # held until the body is complete
         return [responses.headers_continue(self.remove)]
 
@@ -159,7 +169,40 @@ class _Stream:
         if not self.full_duplex:
             return [responses.body_route(header, address) if address else responses.BODY_CONTINUE]
         held = responses.headers_route(header, address, self.remove) if address else responses.headers_continue(self.remove)
-        return [held, *responses.body_chunks(body, end_of_stream=end_of_stream)]
+        answers = [held, *responses.body_chunks(body, end_of_stream=end_of_stream)]
+        self.headers_held = False
+        return answers
+
+    def fail_open(self, message) -> list[bytes]:
+        """The answers that let this request go on as if we were not here (Envoy's own pool
+        picks the pod), after a bug of ours; the traceback is logged at most once per interval."""
+        self.svc.metrics.internal_errors.inc()
+        self.svc.errors.exception("internal_error", "ext_proc stream failed; the request goes on unrouted")
+        held, self.headers_held = self.headers_held, False
+        self.done = True
+        try:
+            kind = message.WhichOneof("request")
+        except Exception:  # noqa: BLE001 - nothing more to learn from it
+            kind = None
+        if kind == "request_headers":
+            return [responses.headers_continue(self.remove)]
+        if kind == "request_body":
+            if not self.full_duplex:
+                return [responses.BODY_CONTINUE]
+            end = bool(message.request_body.end_of_stream)
+            if held:
+                return [responses.headers_continue(self.remove), *responses.body_chunks(bytes(self.body), end_of_stream=end)]
+            return responses.body_chunks(message.request_body.body, end_of_stream=end)
+        if kind == "request_trailers":
+            if held:
+                return [responses.headers_continue(self.remove),
+                        *responses.body_chunks(bytes(self.body), end_of_stream=False), responses.TRAILERS_CONTINUE]
+            return [responses.TRAILERS_CONTINUE]
+        if kind == "response_headers":
+            return [responses.RESPONSE_HEADERS_CONTINUE]
+        if kind == "response_body":
+            return [responses.RESPONSE_BODY_CONTINUE]
+        return []
 
     def _reject(self, error: RequestError) -> bytes:
         self.done = True

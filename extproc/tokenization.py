@@ -36,6 +36,11 @@ class TokenizerBusy(Exception):
     """Every worker is taken and the queue is full; routing falls back to load."""
 
 
+class PromptRenderError(Exception):
+    """The request's messages, tools or template options do not render with the model's chat
+    template: client input, routed by load without a traceback (the engine judges it)."""
+
+
 class Tokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
@@ -53,13 +58,16 @@ def render_chat(tokenizer: Tokenizer, request: RoutingRequest) -> str:
     kwargs = dict(request.chat_template_kwargs)
     if request.tools:
         kwargs["tools"] = request.tools
-    return tokenizer.apply_chat_template(
-        request.messages,
-        tokenize=False,
-        add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
-        continue_final_message=request.continue_final_message,
-        **kwargs,
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            request.messages,
+            tokenize=False,
+            add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+            continue_final_message=request.continue_final_message,
+            **kwargs,
+        )
+    except Exception as exc:  # noqa: BLE001 - templates raise anything on odd input (TemplateError, TypeError, RecursionError)
+        raise PromptRenderError(f"chat template failed: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:

@@ -7,10 +7,18 @@ vLLM has shipped three encodings of the same messages, and all must be read:
 Fields with defaults may be omitted and new fields keep appearing, so events are decoded
 generically (msgspec, in C) and read by position or by name, never by exact shape.
 Block hashes are unsigned 64-bit ints (can exceed 2**63) or 32 raw bytes.
+
+Events are also validated here, so nothing past this module meets a value it cannot use
+(a token id that does not fit 32 bits once stopped a pod's feed for good): an event that
+is well-formed msgpack but not a usable vLLM event becomes a ``RejectedEvent`` with a
+reason, which the sequencer counts and skips while the rest of its batch applies.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from array import array
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -50,7 +58,31 @@ class AllBlocksCleared:
     pass
 
 
-Event = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+@dataclass(frozen=True, slots=True)
+class RejectedEvent:
+    """An event that cannot be used as it is; counted (by ``reason``) and skipped."""
+
+    kind: str
+    """The event type it claimed to be (or ``?``)."""
+    reason: str
+    """A short fixed word, used as a metric label: never text from the event."""
+    detail: str = ""
+    lossy: bool = False
+    """Skipping it may leave the index claiming blocks the pod dropped (an unreadable
+    removal): the sequencer then drops the pod's entries instead."""
+
+
+Event = Union[BlockStored, BlockRemoved, AllBlocksCleared, RejectedEvent]
+
+MAX_TOKEN_ID = 2**32 - 1
+"""Token ids are packed as 4-byte unsigned ints into block keys."""
+MAX_HASH_BYTES = 64
+"""vLLM's bytes hashes are 32 bytes; anything much longer is not an engine hash."""
+MAX_NAME_CHARS = 256
+_NAME_FORBIDDEN = frozenset("@:") | {chr(c) for c in range(0x20)} | {chr(0x7F)}
+"""``@`` and ``:`` separate the parts of index keys and central-mode topics."""
+
+assert array("I").itemsize == 4, "token ids are validated as 32-bit unsigned ints"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +107,8 @@ _REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 _decoder = msgspec.msgpack.Decoder()
 
 
-def decode_payload(payload: bytes) -> EventBatch:
+def decode_payload(payload: bytes, *, block_size: int | None = None) -> EventBatch:
+    """One batch; ``block_size`` (ingest.engineBlockSize) rejects events of another block size."""
     try:
         raw = _decoder.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 inside a msgpack str too
@@ -90,78 +123,145 @@ def decode_payload(payload: bytes) -> EventBatch:
         raise DecodeError("batch needs a numeric ts and a list of events")
     if rank is not None and not isinstance(rank, int):
         raise DecodeError("data_parallel_rank must be an int")
-    return EventBatch(float(ts), [_event(e) for e in events], rank)
+    ts = float(ts)
+    if not math.isfinite(ts):
+        ts = time.time()  # the events are still good; only their time is not
+    return EventBatch(ts, [_event(e, block_size) for e in events], rank)
 
 
-def _fields(raw: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str, *, lossy: bool = False):
+        super().__init__(detail)
+        self.reason, self.detail, self.lossy = reason, detail, lossy
+
+
+def _fields(raw: Any, names: tuple[str, ...]) -> dict[str, Any]:
     if isinstance(raw, dict):
-        tag = raw.get("type")
-        return tag, raw
-    if isinstance(raw, list) and raw and isinstance(raw[0], str):
-        tag = raw[0]
-        return tag, dict(zip(names, raw[1:]))
-    raise DecodeError("event is neither a tagged map nor a tagged array")
+        return raw
+    return dict(zip(names, raw[1:]))
 
 
-def _hash(value: Any) -> EngineHash:
+def _hash(value: Any, what: str = "block hash") -> EngineHash:
     if isinstance(value, bool) or not isinstance(value, (int, bytes)):
-        raise DecodeError(f"block hash must be an int or bytes, got {type(value).__name__}")
-    if isinstance(value, int) and not 0 <= value < 2**64:
-        value &= 0xFFFF_FFFF_FFFF_FFFF  # a signed encoder's view of the same 64 bits
+        raise _Reject("hash_type", f"{what} must be an int or bytes, got {type(value).__name__}")
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise _Reject("hash_type", f"{what} does not fit 64 bits")
+        return value & 0xFFFF_FFFF_FFFF_FFFF  # a signed encoder's view of the same 64 bits
+    if not 0 < len(value) <= MAX_HASH_BYTES:
+        raise _Reject("hash_type", f"{what} of {len(value)} bytes")
     return value
-
-
-def _hashes(value: Any) -> list[EngineHash]:
-    if not isinstance(value, list):
-        raise DecodeError("block_hashes must be a list")
-    return [_hash(h) for h in value]
 
 
 def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _opt_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _opt_int(f: dict[str, Any], name: str, *, lossy: bool = False) -> int | None:
+    value = f.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Reject(name, f"{name} must be an int", lossy=lossy)
+    return value
 
 
-def _event(raw: Any) -> Event:
-    tag = raw.get("type") if isinstance(raw, dict) else (raw[0] if isinstance(raw, list) and raw else None)
-    if tag == "BlockStored":
-        _, f = _fields(raw, _STORED_FIELDS)
-        tokens = f.get("token_ids")
-        size = f.get("block_size")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise DecodeError("BlockStored.token_ids must be a list of ints")
-        if not isinstance(size, int) or size <= 0:
-            raise DecodeError("BlockStored.block_size must be a positive int")
-        parent = f.get("parent_block_hash")
-        return BlockStored(
-            block_hashes=_hashes(f.get("block_hashes")),
-            parent_block_hash=None if parent is None else _hash(parent),
-            token_ids=tokens,
-            block_size=size,
-            lora_name=_opt_str(f.get("lora_name")),
-            medium=_opt_str(f.get("medium")),
-            group_idx=_opt_int(f.get("group_idx")),
-            kv_cache_spec_kind=_opt_str(f.get("kv_cache_spec_kind")),
-        )
-    if tag == "BlockRemoved":
-        _, f = _fields(raw, _REMOVED_FIELDS)
-        return BlockRemoved(_hashes(f.get("block_hashes")), _opt_str(f.get("medium")), _opt_int(f.get("group_idx")))
-    if tag == "AllBlocksCleared":
-        return AllBlocksCleared()
-    raise DecodeError(f"unknown event type {tag!r}")
+def _lora_name(f: dict[str, Any]) -> str | None:
+    name, lora_id = f.get("lora_name"), f.get("lora_id")
+    if name is None or name == "":
+        if lora_id is not None:
+            # v0.9-era engines name the adapter only by id: its blocks are not the base model's.
+            raise _Reject("lora_name", "a LoRA block without lora_name")
+        return None
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not _NAME_FORBIDDEN.isdisjoint(name):
+        raise _Reject("lora_name", "lora_name must be a short name without '@', ':' or control characters")
+    return name
 
 
-def decode_frames(frames: list[bytes]) -> Message:
+def _stored(f: dict[str, Any], block_size: int | None) -> BlockStored:
+    raw_hashes = f.get("block_hashes")
+    if not isinstance(raw_hashes, list):
+        raise _Reject("hash_type", "block_hashes must be a list")
+    if not raw_hashes:
+        raise _Reject("empty", "BlockStored without blocks")
+    hashes = [_hash(h) for h in raw_hashes]
+    if len(set(hashes)) != len(hashes):
+        raise _Reject("duplicate_hash", "the same block hash twice in one event")
+    parent = f.get("parent_block_hash")
+    if parent is not None:
+        parent = _hash(parent, "parent_block_hash")
+        if parent in hashes:
+            raise _Reject("parent", "a block is its own ancestor")
+    size = f.get("block_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise _Reject("block_size", "block_size must be a positive int")
+    if block_size is not None and size != block_size:
+        raise _Reject("block_size", f"block_size {size}, configured engineBlockSize {block_size}")
+    tokens = f.get("token_ids")
+    if not isinstance(tokens, list):
+        raise _Reject("token_ids", "token_ids must be a list")
+    try:
+        array("I", tokens)  # C-speed check: ints in 0..2**32-1
+    except (OverflowError, TypeError) as exc:
+        raise _Reject("token_ids", f"token_ids must be ints in 0..{MAX_TOKEN_ID}: {exc}") from None
+    kind = _opt_str(f.get("kv_cache_spec_kind"))
+    if len(tokens) != len(hashes) * size and kind in (None, "full_attention"):
+        # (Other cache kinds may skip null blocks in block_hashes but not in token_ids.)
+        raise _Reject("block_count", f"{len(hashes)} blocks of {size} tokens but {len(tokens)} token ids")
+    return BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=tokens,
+        block_size=size,
+        lora_name=_lora_name(f),
+        medium=_opt_str(f.get("medium")),
+        group_idx=_opt_int(f, "group_idx"),
+        kv_cache_spec_kind=kind,
+    )
+
+
+def _removed(f: dict[str, Any]) -> BlockRemoved:
+    """The removal; hashes no engine could send are left out (they name no block we keep)."""
+    raw = f.get("block_hashes")
+    if not isinstance(raw, list):
+        raise _Reject("hash_type", "BlockRemoved.block_hashes must be a list", lossy=True)
+    hashes: list[EngineHash] = []
+    for value in raw:
+        try:
+            hashes.append(_hash(value))
+        except _Reject:
+            pass  # no stored block has such a hash, so none is left behind
+    return BlockRemoved(hashes, _opt_str(f.get("medium")), _opt_int(f, "group_idx", lossy=True))
+
+
+def _event(raw: Any, block_size: int | None = None) -> Event:
+    if isinstance(raw, dict):
+        tag = raw.get("type")
+    elif isinstance(raw, list) and raw and isinstance(raw[0], str):
+        tag = raw[0]
+    else:
+        return RejectedEvent("?", "malformed", "an event is neither a tagged map nor a tagged array")
+    kind = tag if tag in ("BlockStored", "BlockRemoved", "AllBlocksCleared") else "?"
+    try:
+        if tag == "BlockStored":
+            return _stored(_fields(raw, _STORED_FIELDS), block_size)
+        if tag == "BlockRemoved":
+            return _removed(_fields(raw, _REMOVED_FIELDS))
+        if tag == "AllBlocksCleared":
+            return AllBlocksCleared()
+    except _Reject as bad:
+        return RejectedEvent(kind, bad.reason, bad.detail, bad.lossy)
+    return RejectedEvent(kind, "unknown_type", "an event type this release does not know")
+
+
+def decode_frames(frames: list[bytes], *, block_size: int | None = None) -> Message:
     """A PUB message: [topic, seq (8 bytes big-endian), payload]."""
     if len(frames) != 3:
         raise DecodeError(f"expected 3 frames (topic, seq, payload), got {len(frames)}")
     topic, seq, payload = frames
     if len(seq) != 8:
         raise DecodeError("sequence frame must be 8 bytes")
-    return Message(topic, int.from_bytes(seq, "big"), decode_payload(payload))
+    return Message(topic, int.from_bytes(seq, "big"), decode_payload(payload, block_size=block_size))
 
 
 def decode_replay(frames: list[bytes]) -> tuple[int, bytes]:

@@ -25,10 +25,20 @@ class Janitor:
         self.index = index
         self.config = config
         self.metrics = metrics
+        self._wake = asyncio.Event()
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt reloaded settings now, not after the interval the old config asked for."""
+        self.config = config
+        self._wake.set()
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.config.ingest.janitor_interval)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.ingest.janitor_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
             await self.sweep()
 
     async def sweep(self) -> None:
@@ -37,8 +47,9 @@ class Janitor:
         for feed in list(self.sequencer.feeds.values()):
             if silence and not feed.silent_purged and now - feed.last_seen > silence:
                 async with self.sequencer.lock(feed.pod):
-                    feed.silent_purged = True
-                    await self.sequencer.purge(feed.pod, "silent")
+                    if feed.closed or feed.silent_purged or time.monotonic() - feed.last_seen <= silence:
+                        continue
+                    feed.silent_purged = await self.sequencer.purge(feed.pod, "silent")
         max_age = self.config.index.max_entry_age
         if not max_age:
             return

@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 from ..config import Config, PodConfig
 from ..index import BlockIndex, IndexUnavailable, Writes
 from ..metrics import Metrics
-from .decode import AllBlocksCleared, BlockRemoved, BlockStored, DecodeError, EventBatch, decode_frames, decode_payload
+from ..logs import ThrottledLog
+from .decode import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    DecodeError,
+    EventBatch,
+    RejectedEvent,
+    decode_frames,
+    decode_payload,
+)
 from .tracker import PodTracker
 
 log = logging.getLogger("extproc.events")
@@ -44,6 +54,12 @@ class Feed:
     exactly, or the publisher is taken to have restarted."""
     last_seen: float = field(default_factory=time.monotonic)
     silent_purged: bool = False
+    closed: bool = False
+    """Removed by a reload: anything of it still running (a replay, a catch-up) must not
+    write, or a purged pod would come back (a fence)."""
+    unsynced: str | None = None
+    """Its entries must be dropped but the index could not be reached (the reason): no event
+    is applied until a resync succeeds (retried by the ingester's index watch)."""
 
 
 def pod_model(pod: PodConfig, config: Config) -> str:
@@ -64,6 +80,7 @@ class Sequencer:
         self.fetch_replay = fetch_replay
         self.feeds: dict[str, Feed] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._warn = ThrottledLog(log, 10.0)
 
     def new_feed(self, pod: str, model: str, endpoint: str = "", replay: str = "") -> Feed:
         tracker = PodTracker(
@@ -74,6 +91,18 @@ class Sequencer:
 
     def lock(self, pod: str) -> asyncio.Lock:
         return self._locks.setdefault(pod, asyncio.Lock())
+
+    def remove(self, pod: str) -> Feed | None:
+        """Forget a pod's feed (a reload removed it) and fence whatever of it still runs."""
+        feed = self.feeds.pop(pod, None)
+        if feed is not None:
+            feed.closed = True
+        return feed
+
+    def forget_lock(self, pod: str) -> None:
+        lock = self._locks.get(pod)
+        if lock is not None and not lock.locked() and pod not in self.feeds:
+            del self._locks[pod]
 
     async def load(self, feed: Feed) -> None:
         """Adopt the pod's persisted engine map, so removals of blocks stored before we started apply."""
@@ -87,12 +116,18 @@ class Sequencer:
     async def process(self, feed: Feed, frames_list: list[list[bytes]]) -> None:
         """Apply a run of one publisher's messages; never raises for bad input."""
         async with self.lock(feed.pod):
+            if feed.closed:
+                return
             feed.last_seen = time.monotonic()
             feed.silent_purged = False
+            if feed.unsynced is not None:
+                self.metrics.events_dropped.inc(len(frames_list))
+                return  # nothing applies before the pending resync (index watch) succeeds
             writes = Writes()
+            block_size = self.config.ingest.engine_block_size
             for frames in frames_list:
                 try:
-                    message = decode_frames(frames)
+                    message = decode_frames(frames, block_size=block_size)
                 except DecodeError as exc:
                     self.metrics.event_decode_errors.inc()
                     log.debug("pod %s: skipping a malformed frame: %s", feed.pod, exc)
@@ -108,6 +143,8 @@ class Sequencer:
                 elif feed.last_seq is not None and message.seq != feed.last_seq + 1:
                     writes = await self._flush(feed, writes)
                     await self._resync(feed, message.seq)
+                if feed.unsynced is not None:
+                    return
                 feed.reconnected = False
                 writes = await self._apply(feed, message.batch, writes)
                 feed.last_seq = message.seq
@@ -124,28 +161,44 @@ class Sequencer:
                 try:
                     feed.tracker.stored(event, writes)
                 except ValueError as exc:
-                    self.metrics.event_decode_errors.inc()
-                    log.warning("pod %s: %s", feed.pod, exc)
+                    self._rejected(feed, RejectedEvent("BlockStored", "block_size", str(exc)))
             elif isinstance(event, BlockRemoved):
                 self.metrics.events.labels("BlockRemoved").inc()
                 feed.tracker.removed(event, writes)
             elif isinstance(event, AllBlocksCleared):
                 self.metrics.events.labels("AllBlocksCleared").inc()
                 writes = await self._flush(feed, writes)
-                await self.purge(feed.pod, "cleared")
+                await self._purge_feed(feed, "cleared")
                 writes.at = batch.ts
+            else:
+                self._rejected(feed, event)
+                if event.lossy:
+                    # An unreadable removal: what it removed is unknown, so nothing of the pod is trusted.
+                    writes = await self._flush(feed, writes)
+                    await self._purge_feed(feed, "bad_event")
+                    writes.at = batch.ts
         return writes
 
+    def _rejected(self, feed: Feed, event: RejectedEvent) -> None:
+        self.metrics.events_rejected.labels(event.reason).inc()
+        self._warn.warning(f"{feed.pod}/{event.reason}",
+                           f"pod {feed.pod}: skipping a {event.kind} event ({event.reason}: {event.detail})")
+
     async def _flush(self, feed: Feed, writes: Writes) -> Writes:
-        if writes:
+        if writes and not feed.closed:
             try:
                 await self.index.apply(feed.pod, writes)
                 self.metrics.router_blocks_written.inc(len(writes.stored))
             except IndexUnavailable as exc:
                 # Writes lost: the pod's entries would be half true, so start it over.
-                log.warning("pod %s: index write failed (%s); dropping its entries", feed.pod, exc)
-                await self._purge_quietly(feed.pod, "index_error")
+                log.warning("pod %s: index write failed (%s); its entries will be dropped and rebuilt", feed.pod, exc)
+                self._unsynced(feed, "index_error")
         return Writes()
+
+    def _unsynced(self, feed: Feed, reason: str) -> None:
+        feed.tracker.clear()
+        feed.last_seq = feed.skip_upto = None
+        feed.unsynced = reason
 
     # -- gaps, restarts, replays -----------------------------------------------------
 
@@ -160,12 +213,13 @@ class Sequencer:
         log.warning("pod %s: lost events %d..%d", feed.pod, last + 1, seq - 1)
         if feed.replay and await self._replay(feed, last + 1, seq):
             return
-        await self.purge(feed.pod, "gap")
+        await self._purge_feed(feed, "gap")
 
     async def _restarted(self, feed: Feed, seq: int) -> None:
         """Drop everything of the old process; take what the new one sent before ``seq`` from
         its replay buffer when it has one (we may have joined after its first batches)."""
-        await self.purge(feed.pod, "restart")
+        if not await self._purge_feed(feed, "restart"):
+            return
         feed.last_seq = None
         if feed.replay and seq > 0:
             replies = await self.fetch_replay(feed, 0)
@@ -187,13 +241,18 @@ class Sequencer:
 
     async def _apply_replies(self, feed: Feed, replies: list[tuple[int, bytes]]) -> None:
         writes = Writes()
+        block_size = self.config.ingest.engine_block_size
         for seq, payload in replies:
+            if feed.closed or feed.unsynced is not None:
+                return
             try:
-                writes = await self._apply(feed, decode_payload(payload), writes)
+                writes = await self._apply(feed, decode_payload(payload, block_size=block_size), writes)
             except DecodeError:
                 self.metrics.event_decode_errors.inc()
             feed.last_seq = seq
         await self._flush(feed, writes)
+        if feed.unsynced is not None:
+            return
         # Live messages queued while we replayed repeat what we just applied.
         feed.skip_upto = feed.last_seq
         self.metrics.replays.labels("ok").inc()
@@ -201,29 +260,65 @@ class Sequencer:
     async def catch_up(self, feed: Feed) -> None:
         """On start, rebuild the pod's entries from its replay buffer if it holds the whole history."""
         async with self.lock(feed.pod):
-            if feed.last_seq is not None:
+            if feed.closed or feed.last_seq is not None or not feed.replay:
                 return
-            replies = await self.fetch_replay(feed, 0)
-            if not replies or replies[0][0] != 0 or [s for s, _ in replies] != list(range(len(replies))):
-                log.info("pod %s: replay buffer does not start at 0; keeping the index as it is", feed.pod)
-                return
-            await self._purge_quietly(feed.pod, "catch_up")
-            await self._apply_replies(feed, replies)
+            await self._rebuild(feed, purge=True)
+
+    async def _rebuild(self, feed: Feed, *, purge: bool) -> bool:
+        """Replay the pod's whole history, if its buffer still holds it from seq 0."""
+        replies = await self.fetch_replay(feed, 0)
+        if feed.closed:
+            return False  # removed while we waited: it must not be written back
+        if not replies or replies[0][0] != 0 or [s for s, _ in replies] != list(range(len(replies))):
+            log.info("pod %s: replay buffer does not start at 0; new events rebuild its entries", feed.pod)
+            return False
+        if purge and not await self._purge_feed(feed, "catch_up", quiet=True):
+            return False
+        await self._apply_replies(feed, replies)
+        if feed.unsynced is None and not feed.closed:
             log.info("pod %s: rebuilt from its replay buffer up to seq %d", feed.pod, feed.last_seq)
+            return True
+        return False
+
+    async def resync(self, feed: Feed, reason: str, *, rebuild: bool = True) -> bool:
+        """Start the pod over, as after a gap nothing can fill: drop its entries, then (with
+        ``rebuild``) replay its whole history when the buffer holds it. Call under its lock.
+        False if the index could not be reached (``feed.unsynced`` says so; retried later)."""
+        if feed.closed:
+            return True
+        feed.last_seq = feed.skip_upto = None
+        feed.reconnected = False
+        if not await self._purge_feed(feed, reason):
+            return False
+        if rebuild and feed.replay:
+            await self._rebuild(feed, purge=False)
+        return feed.unsynced is None
 
     # -- dropping a pod --------------------------------------------------------------
 
-    async def purge(self, pod: str, reason: str) -> None:
-        dropped = await self._purge_quietly(pod, reason)
-        log.info("pod %s: dropped %d index entries (%s)", pod, dropped, reason)
+    async def _purge_feed(self, feed: Feed, reason: str, *, quiet: bool = False) -> bool:
+        """Drop a live feed's entries; a closed feed's are someone else's business now."""
+        if feed.closed:
+            return False
+        ok = await self.purge(feed.pod, reason, quiet=quiet)
+        if ok:
+            feed.unsynced = None
+        return ok
 
-    async def _purge_quietly(self, pod: str, reason: str) -> int:
+    async def purge(self, pod: str, reason: str, *, quiet: bool = False) -> bool:
+        """Drop every entry of the pod; False if the index could not be reached (the feed,
+        if any, is then marked unsynced so the purge is retried)."""
         self.metrics.pod_purges.labels(reason).inc()
         feed = self.feeds.get(pod)
         if feed is not None:
             feed.tracker.clear()
         try:
-            return await self.index.purge_pod(pod)
+            dropped = await self.index.purge_pod(pod)
         except IndexUnavailable as exc:
-            log.warning("pod %s: purge failed (%s)", pod, exc)
-            return 0
+            log.warning("pod %s: purge failed (%s); retrying", pod, exc)
+            if feed is not None and not feed.closed:
+                self._unsynced(feed, reason)
+            return False
+        if not quiet:
+            log.info("pod %s: dropped %d index entries (%s)", pod, dropped, reason)
+        return True

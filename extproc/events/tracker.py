@@ -79,6 +79,11 @@ class PodTracker:
             depth += 1
             eid = engine_id(block_hash, event.group_idx)
             node = EngineBlock(parent_id, tokens, depth, router_parent, model)
+            known = self.blocks.get(eid)
+            if known is not None and (known.parent, known.tokens, known.model) != (parent_id, tokens, model):
+                # The same engine hash with other content (never from a sane engine): what
+                # was built on the old block is no longer known to be held.
+                self._forget(eid, known, writes)
             if router_parent != BROKEN and (depth + 1) * size % self.router_block == 0:
                 key = self._complete(node, eid, size)
                 if key is None:
@@ -129,8 +134,11 @@ class PodTracker:
             if node is None:
                 continue
             writes.del_engine(eid)
-            for key in self.member_of.pop(eid, ()):
-                writes.remove((node.model, key))
+            self._forget(eid, node, writes)
+
+    def _forget(self, eid: str, node: EngineBlock, writes: Writes) -> None:
+        for key in self.member_of.pop(eid, ()):
+            writes.remove((node.model, key))
 
     def clear(self) -> None:
         self.blocks.clear()

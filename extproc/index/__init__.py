@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import IndexConfig
-from .invalidation import FEED_LOST, Invalidation, InvalidationListener
+from .invalidation import FEED_LOST, Invalidation, InvalidationListener, invalidations
 
 __all__ = ["FEED_LOST", "BlockIndex", "BlockRef", "IndexUnavailable", "Invalidation", "InvalidationListener",
            "PodTimes", "Writes", "open_index"]
@@ -68,9 +68,10 @@ class Writes:
     def __bool__(self) -> bool:
         return bool(self.stored or self.removed or self.engine_put or self.engine_del)
 
-    def invalidation(self, pod: str) -> Invalidation:
+    def invalidations(self, pod: str) -> list[Invalidation]:
+        """The announcement of these writes, in bounded messages."""
         stored = sorted(self.stored)
-        return Invalidation(pod, sorted(self.removed), stored, stored_at=[self.stored[ref] for ref in stored])
+        return invalidations(pod, sorted(self.removed), stored, [self.stored[ref] for ref in stored])
 
 
 class BlockIndex(Protocol):
@@ -110,7 +111,15 @@ class BlockIndex(Protocol):
     async def load_engine_map(self, pod: str) -> dict[str, bytes]: ...
 
     # Invalidation feed (serve replicas).
-    async def subscribe(self, listener: InvalidationListener) -> None: ...
+    async def epoch(self) -> str:
+        """The index's identity; it changes when the index is lost (an empty Redis after a
+        restart), so the ingester knows to rebuild every pod."""
+        ...
+
+    async def subscribe(self, listener: InvalidationListener, *, supervisor=None) -> None:
+        """Deliver every Invalidation (FEED_LOST after the feed was down); the listening task
+        runs under ``supervisor`` when given."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -35,6 +35,23 @@ InvalidationListener = Callable[[Invalidation], None]
 FEED_LOST = "*"
 """Pod name of the Invalidation delivered when the feed was down: anything may have changed."""
 
+CHUNK = 1000
+"""Blocks per message at most, so no replica spends long on one message."""
+
+
+def invalidations(pod: str, removed: list[tuple[str, int]], stored: list[tuple[str, int]],
+                  stored_at: list[float] | None = None, *, cleared: bool = False, chunk: int = CHUNK) -> list[Invalidation]:
+    """One change as messages of at most ``chunk`` blocks (``cleared`` on the last)."""
+    messages = [Invalidation(pod, removed[start:start + chunk]) for start in range(0, len(removed), chunk)]
+    for start in range(0, len(stored), chunk):
+        messages.append(Invalidation(pod, [], stored[start:start + chunk],
+                                     stored_at=list(stored_at[start:start + chunk]) if stored_at else []))
+    if cleared:
+        last = messages.pop() if messages else Invalidation(pod)
+        messages.append(Invalidation(pod, last.removed, last.stored, cleared=True, stored_at=last.stored_at))
+    return messages
+
+
 encode = msgspec.msgpack.Encoder().encode
 _decoder = msgspec.msgpack.Decoder(Invalidation)
 

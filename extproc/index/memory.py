@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from . import BlockRef, Invalidation, InvalidationListener, PodTimes, Writes
+from .invalidation import invalidations
 
 
 class MemoryIndex:
@@ -16,6 +19,7 @@ class MemoryIndex:
         self._held: dict[str, set[BlockRef]] = {}
         self._engine: dict[str, dict[str, bytes]] = {}
         self._listeners: list[InvalidationListener] = []
+        self._epoch = uuid.uuid4().hex
 
     async def lookup(self, model: str, keys: Sequence[int]) -> list[PodTimes]:
         blocks = self._blocks
@@ -49,7 +53,7 @@ class MemoryIndex:
         for eid in writes.engine_del:
             engine.pop(eid, None)
         if writes.removed or writes.stored:
-            self._announce(writes.invalidation(pod))
+            await self._announce(writes.invalidations(pod))
 
     def _drop(self, ref: BlockRef, pod: str) -> None:
         holders = self._blocks.get(ref)
@@ -63,7 +67,7 @@ class MemoryIndex:
         for ref in held:
             self._drop(ref, pod)
         self._engine.pop(pod, None)
-        self._announce(Invalidation(pod, sorted(held), cleared=True))
+        await self._announce(invalidations(pod, sorted(held), [], cleared=True))
         return len(held)
 
     async def expire(self, pod: str, older_than: float) -> int:
@@ -73,7 +77,7 @@ class MemoryIndex:
             self._drop(ref, pod)
             held.discard(ref)
         if old:
-            self._announce(Invalidation(pod, old))
+            await self._announce(invalidations(pod, old, []))
         return len(old)
 
     async def pods(self) -> set[str]:
@@ -82,12 +86,20 @@ class MemoryIndex:
     async def load_engine_map(self, pod: str) -> dict[str, bytes]:
         return dict(self._engine.get(pod, {}))
 
-    async def subscribe(self, listener: InvalidationListener) -> None:
+    async def epoch(self) -> str:
+        """Never lost while the process lives (see RedisIndex.epoch)."""
+        return self._epoch
+
+    async def subscribe(self, listener: InvalidationListener, *, supervisor=None) -> None:
         self._listeners.append(listener)
 
-    def _announce(self, message: Invalidation) -> None:
-        for listener in self._listeners:
-            listener(message)
+    async def _announce(self, messages: list[Invalidation]) -> None:
+        """In bounded messages, yielding between them, as the Redis feed delivers them."""
+        for i, message in enumerate(messages):
+            if i:
+                await asyncio.sleep(0)
+            for listener in self._listeners:
+                listener(message)
 
     async def close(self) -> None:
         self._blocks.clear()

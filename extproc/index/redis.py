@@ -7,13 +7,17 @@ Write-side keys, beside the blocks (``metaPrefix`` defaults to ``matrix:kv:``):
 - ``{meta}pod:{pod}``: set of ``{model}@{key}`` the pod holds (drop a pod without KEYS);
 - ``{meta}engine:{pod}``: hash engine block id -> packed engine block (ingester restarts);
 - ``{meta}pods``: set of pods with anything above;
-- channel ``{meta}invalidate``: msgpack Invalidation per change, for serve replicas.
+- ``{meta}epoch``: a random marker set by the first ingester; a new value means the index
+  was lost (a Redis restarted without persistence, a flush) and must be rebuilt;
+- channel ``{meta}invalidate``: msgpack Invalidation per change, for serve replicas, at most
+  invalidation.CHUNK blocks per message so no replica spends long on one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
@@ -35,7 +39,8 @@ log = logging.getLogger("extproc.index.redis")
 WRITE_TIMEOUT = 10.0
 T = TypeVar("T")
 CHUNK = 5000
-
+"""Blocks per invalidation message: every replica handles one message in one step of its
+event loop, so a purge of a big pod must not arrive as one message."""
 
 
 def redact(url: str) -> str:
@@ -153,10 +158,14 @@ class RedisIndex:
     async def apply(self, pod: str, writes: Writes) -> None:
         pipe = self._client.pipeline(transaction=False)
         held = self._held(pod)
-        for (model, key), at in writes.stored.items():
-            pipe.hset(self._block(model, key), pod, repr(at))
+        # The pod's records first: a write cut short (timeout, cancel) may leave a record of a
+        # block not written, which a purge handles, never a block a purge cannot find.
+        if writes.stored or writes.engine_put:
+            pipe.sadd(f"{self._meta}pods", pod)
         if writes.stored:
             pipe.sadd(held, *(f"{m}@{k}" for m, k in writes.stored))
+        for (model, key), at in writes.stored.items():
+            pipe.hset(self._block(model, key), pod, repr(at))
         for model, key in writes.removed:
             pipe.hdel(self._block(model, key), pod)
         if writes.removed:
@@ -165,10 +174,7 @@ class RedisIndex:
             pipe.hset(self._engine(pod), mapping=writes.engine_put)
         if writes.engine_del:
             pipe.hdel(self._engine(pod), *writes.engine_del)
-        if writes.stored or writes.engine_put:
-            pipe.sadd(f"{self._meta}pods", pod)
-        if writes.stored or writes.removed:
-            message = writes.invalidation(pod)
+        for message in writes.invalidations(pod):
             pipe.publish(self._channel, invalidation.encode(message))
         await self._run(pipe, WRITE_TIMEOUT)
 
@@ -180,9 +186,11 @@ class RedisIndex:
                 pipe.hdel(self._block(model, key), pod)
             pipe.srem(self._held(pod), *(f"{m}@{k}" for m, k in chunk))
             await self._run(pipe, WRITE_TIMEOUT)
-        if refs or cleared:
+        messages = invalidation.invalidations(pod, refs, [], cleared=cleared)
+        for start in range(0, len(messages), CHUNK // invalidation.CHUNK):
             pipe = self._client.pipeline(transaction=False)
-            pipe.publish(self._channel, invalidation.encode(Invalidation(pod, refs, cleared=cleared)))
+            for message in messages[start : start + CHUNK // invalidation.CHUNK]:
+                pipe.publish(self._channel, invalidation.encode(message))
             await self._run(pipe, WRITE_TIMEOUT)
 
     async def _held_refs(self, pod: str) -> list[BlockRef]:
@@ -220,21 +228,45 @@ class RedisIndex:
         members = await self._ask(self._client.smembers(f"{self._meta}pods"), WRITE_TIMEOUT)
         return {m.decode() for m in members}
 
+    async def epoch(self) -> str:
+        """The index's epoch marker, set if missing. A value an ingester has not seen before
+        means every entry written before it is gone (Redis restarted empty, or was flushed)."""
+        key = f"{self._meta}epoch"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(key, uuid.uuid4().hex, nx=True)
+        pipe.get(key)
+        _, value = await self._run(pipe, WRITE_TIMEOUT)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     async def load_engine_map(self, pod: str) -> dict[str, bytes]:
         raw = await self._ask(self._client.hgetall(self._engine(pod)), WRITE_TIMEOUT)
         return {k.decode(): v for k, v in raw.items()}
 
     # -- invalidation feed -----------------------------------------------------------
 
-    async def subscribe(self, listener: InvalidationListener) -> None:
-        """Deliver every Invalidation published by any ingester; reconnects on its own."""
+    async def subscribe(self, listener: InvalidationListener, *, supervisor=None) -> None:
+        """Deliver every Invalidation published by any ingester; reconnects on its own.
+
+        With a supervisor (extproc.supervise), a failure of the subscriber itself (a bug, a
+        listener raising) restarts it, and the listeners first hear that the feed was lost.
+        """
         self._listeners.append(listener)
         if self._subscriber is None:
             ready = asyncio.Event()
-            self._subscriber = asyncio.ensure_future(self._listen(ready))
+            if supervisor is not None:
+                self._subscriber = supervisor.spawn("invalidation", lambda: self._listen(ready), critical=True,
+                                                    on_restart=self._feed_lost)
+            else:
+                self._subscriber = asyncio.ensure_future(self._listen(ready))
             await ready.wait()
 
+    async def _feed_lost(self) -> None:
+        for listener in self._listeners:
+            listener(Invalidation(FEED_LOST, cleared=True))
+
     async def _listen(self, ready: asyncio.Event) -> None:
+        """Redis outages are handled here (resubscribe every second): they are no failure of
+        the task, and routing falls back by itself meanwhile."""
         lost = False
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -256,6 +288,7 @@ class RedisIndex:
                         continue
                     for listener in self._listeners:
                         listener(change)
+                    await asyncio.sleep(0)  # one bounded message per step: requests go first
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:

@@ -67,7 +67,7 @@ class SimulatedPod:
     def completion(self, path: str, body: bytes) -> dict:
         try:
             model = json.loads(body).get("model", self.model)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # whatever a client sent
             model = self.model
         now = int(time.time())
         usage = {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}

@@ -227,15 +227,22 @@ async def test_an_engine_restart_drops_its_old_entries_first(h, tokenizer):
     assert await h.matched(old, "pod-a") == 0
 
 
-async def test_central_mode_takes_pod_and_model_from_the_topic(h, tokenizer):
+async def test_central_mode_takes_the_pod_from_the_topic_for_configured_pods_only(h, tokenizer):
     port = launcher.free_port()
-    conf = make_config(h.redis_url, [], bind=f"tcp://127.0.0.1:{port}")
+    conf = make_config(h.redis_url, [{"id": "pod-x"}], bind=f"tcp://127.0.0.1:{port}")
     ing = await h.ingester(conf)
     pub = h.publisher(endpoint=f"tcp://127.0.0.1:{port}", topic=f"kv@pod-x@{MODEL}")
+    stranger = h.publisher(endpoint=f"tcp://127.0.0.1:{port}", topic=f"kv@pod-y@{MODEL}")
     await h.connect(pub, ing, "pod-x")
     tokens = prompt_tokens(tokenizer, 15)
     pub.publish(EngineCache(block_size=ENGINE_BLOCK).admit(tokens)[1])
     assert await wait_for(lambda: h.matched(tokens, "pod-x"), what="indexed") == len(tokens) // ROUTER_BLOCK
+
+    async def dropped():
+        stranger.publish(EngineCache(block_size=ENGINE_BLOCK).admit(tokens)[1])
+        return ing.metrics.unknown_topics._value.get() > 0
+    await wait_for(dropped, what="the stranger's messages counted and dropped")
+    assert await h.matched(tokens, "pod-y") == 0 and set(ing.feeds) == {"pod-x"}
 
 
 async def test_malformed_frames_are_counted_and_skipped(h, tokenizer):
@@ -257,7 +264,8 @@ async def test_malformed_frames_are_counted_and_skipped(h, tokenizer):
             return await h.matched(tokens, "pod-a")
         assert await wait_for(delivered, what="good batch applied") == len(tokens) // ROUTER_BLOCK
         assert ing.metrics.event_decode_errors._value.get() >= 2
-        assert not ing._pod_tasks["pod-a"].done(), "the listener keeps running"
+        assert not ing.supervisor.get("feed pod-a").task.done(), "the listener keeps running"
+        assert ing.metrics.task_restarts.labels("feed")._value.get() == 0
     finally:
         raw.close(linger=0)
 
@@ -421,3 +429,20 @@ async def test_a_restarted_kv_extproc_with_the_memory_index_is_cache_aware_again
     finally:
         await ingester.stop()
         pub.close()
+
+
+async def test_an_index_lost_with_redis_is_rebuilt_from_the_replay_buffers(h, tokenizer, index):
+    """Redis restarted without persistence looks like this: every key gone at once."""
+    pub = h.publisher(replay=True)
+    ing = await h.ingester(make_config(h.redis_url, [{"id": "pod-a", "kvEvents": pub.endpoint,
+                                                      "kvReplay": pub.replay_endpoint}]))
+    await h.connect(pub, ing, "pod-a")
+    tokens = prompt_tokens(tokenizer, 21)
+    pub.publish(EngineCache(block_size=ENGINE_BLOCK).admit(tokens)[1])
+    full = len(tokens) // ROUTER_BLOCK
+    assert await wait_for(lambda: h.matched(tokens, "pod-a"), what="indexed") == full
+    index.flushall()
+    started = time.monotonic()
+    assert await wait_for(lambda: h.matched(tokens, "pod-a"), what="rebuilt") == full
+    assert time.monotonic() - started < 3.0, "noticed within the index watch interval"
+    assert ing.metrics.index_lost._value.get() == 1

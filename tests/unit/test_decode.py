@@ -10,6 +10,7 @@ from extproc.events.decode import (
     BlockRemoved,
     BlockStored,
     DecodeError,
+    RejectedEvent,
     decode_frames,
     decode_payload,
     decode_replay,
@@ -86,16 +87,56 @@ def test_frames_carry_topic_and_big_endian_sequence():
     [b"kv", b"\x00" * 8, b"\xc1"],
     [b"kv", b"\x00" * 8, msgspec.msgpack.encode("hello")],
     [b"kv", b"\x00" * 8, msgspec.msgpack.encode({"ts": "now", "events": []})],
-    [b"kv", b"\x00" * 8, msgspec.msgpack.encode([1.0, [["Bogus", 1]]])],
-    [b"kv", b"\x00" * 8, msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [1.5]}]])],
-    [b"kv", b"\x00" * 8, msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [1],
-                                                        "token_ids": ["a"], "block_size": 16}]])],
-    [b"kv", b"\x00" * 8, msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [1],
-                                                        "token_ids": [1], "block_size": 0}]])],
+    [b"kv", b"\x00" * 8, msgspec.msgpack.encode({"ts": 1.0, "events": "none"})],
 ])
 def test_garbage_frames_are_decode_errors(frames):
     with pytest.raises(DecodeError):
         decode_frames(frames)
+
+
+GOOD = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": list(range(16)),
+        "block_size": 16}
+
+
+@pytest.mark.parametrize("event, reason", [
+    (["Bogus", 1], "unknown_type"),
+    (42, "malformed"),
+    ({**GOOD, "block_hashes": [1.5]}, "hash_type"),
+    ({**GOOD, "block_hashes": [b""]}, "hash_type"),
+    ({**GOOD, "block_hashes": [b"x" * 65]}, "hash_type"),
+    ({**GOOD, "block_hashes": []}, "empty"),
+    ({**GOOD, "block_hashes": [1, 1], "token_ids": list(range(32))}, "duplicate_hash"),
+    ({**GOOD, "parent_block_hash": 1}, "parent"),
+    ({**GOOD, "parent_block_hash": "x"}, "hash_type"),
+    ({**GOOD, "token_ids": ["a"] * 16}, "token_ids"),
+    ({**GOOD, "token_ids": [2**32] + list(range(15))}, "token_ids"),
+    ({**GOOD, "token_ids": [-1] + list(range(15))}, "token_ids"),
+    ({**GOOD, "token_ids": list(range(15))}, "block_count"),
+    ({**GOOD, "block_size": 0}, "block_size"),
+    ({**GOOD, "block_size": 8, "token_ids": list(range(8))}, "block_size"),  # not engineBlockSize
+    ({**GOOD, "lora_name": "a@b"}, "lora_name"),
+    ({**GOOD, "lora_name": "ns:adapter"}, "lora_name"),
+    ({**GOOD, "lora_name": 7}, "lora_name"),
+    ({**GOOD, "lora_id": 3}, "lora_name"),  # an adapter known only by id: not the base model's blocks
+    ({**GOOD, "group_idx": "0"}, "group_idx"),
+])
+def test_a_bad_event_is_rejected_with_a_reason_and_the_rest_of_the_batch_stays(event, reason):
+    batch = decode_payload(msgspec.msgpack.encode([1.0, [GOOD, event, {"type": "AllBlocksCleared"}]]), block_size=16)
+    first, bad, last = batch.events
+    assert isinstance(first, BlockStored) and isinstance(last, AllBlocksCleared)
+    assert isinstance(bad, RejectedEvent) and bad.reason == reason
+
+
+def test_an_unreadable_removal_is_lossy_and_bad_hashes_in_a_removal_are_left_out():
+    batch = decode_payload(msgspec.msgpack.encode([1.0, [{"type": "BlockRemoved", "block_hashes": "all"},
+                                                         {"type": "BlockRemoved", "block_hashes": [1, 2.5, b"", 3]}]]))
+    assert isinstance(batch.events[0], RejectedEvent) and batch.events[0].lossy
+    assert batch.events[1] == BlockRemoved([1, 3])
+
+
+def test_a_batch_with_a_non_finite_time_keeps_its_events():
+    batch = decode_payload(msgspec.msgpack.encode([float("nan"), [GOOD]]))
+    assert batch.ts == pytest.approx(__import__("time").time(), abs=5) and batch.events[0].block_hashes == [1]
 
 
 @settings(max_examples=300, deadline=None)
