@@ -155,18 +155,27 @@ class Indexer:
         if _rough_chars(request) > FAST_PATH_MAX_CHARS:
             # Rendering a long prompt is work for a worker thread, not the event loop.
             return await self.tokenizers.run(request.model, self._prepare, request)
+        if request.fingerprint:
+            known = store.get_prompt(request.fingerprint)
+            if known is not None:  # the very same body: nothing to render, hash or tokenize
+                return known, "hit", known.estimated
         text, add_special_tokens = prompt_text(tokenizer, request)
         key = store.prompt_key(text, request.model, add_special_tokens)
         known = store.get_prompt(key)
-        if known is not None:
-            return known, "hit", known.estimated_total(len(text))
-        plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
-        if plan.to_encode <= INLINE_CHARS:
-            result = store.finish(plan)
+        if known is None:
+            plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
+            if plan.to_encode <= INLINE_CHARS:
+                result = store.finish(plan)
+            else:
+                result = await self.tokenizers.run(request.model, _finish, store, plan)
+            result.estimated = result.estimated_total(len(text))
+            store.put_prompt(key, result)
+            outcome = "partial" if plan.run.tokens else "miss"
         else:
-            result = await self.tokenizers.run(request.model, _finish, store, plan)
-        store.put_prompt(key, result)
-        return result, "partial" if plan.run.tokens else "miss", result.estimated_total(len(text))
+            result, outcome = known, "hit"
+        if request.fingerprint:
+            store.put_prompt(request.fingerprint, result)
+        return result, outcome, result.estimated
 
     def _prepare(self, tokenizer, request: RoutingRequest) -> tuple[Tokenized, str, int]:
         """On a tokenizer thread: the same steps for a long prompt."""
@@ -176,11 +185,12 @@ class Indexer:
         key = store.prompt_key(text, request.model, add_special_tokens)
         known = store.get_prompt(key)
         if known is not None:
-            return known, "hit", known.estimated_total(len(text))
+            return known, "hit", known.estimated
         plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
         result = store.finish(plan)
+        result.estimated = result.estimated_total(len(text))
         store.put_prompt(key, result)
-        return result, "partial" if plan.run.tokens else "miss", result.estimated_total(len(text))
+        return result, "partial" if plan.run.tokens else "miss", result.estimated
 
     async def _owners(self, model: str, keys: list[int], pod_ids: Sequence[str]) -> tuple[list[PodTimes], bool]:
         """Who holds each block, from the block-owner cache; the index only for what it cannot

@@ -6,6 +6,7 @@ a 400 now, with a reason), and lenient about everything routing does not read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +48,12 @@ class RoutingRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     subset: frozenset[str] | None = None
     """The proxy's subset hint (ip:port endpoints this request may go to), if it sent one."""
+    fingerprint: int = 0
+    """Hash of the path and the body bytes: the same bytes always mean the same prompt, so a
+    repeated request finds its block keys without rendering or tokenizing (0: none)."""
+
+FINGERPRINT_MAX_BYTES = 256 * 1024
+"""Bodies up to this size get a fingerprint (hashing more costs more than it saves)."""
 
 
 REFUSED_TEMPLATE_KWARGS = frozenset({"chat_template", "tokenize"})
@@ -73,9 +80,11 @@ def parse(path: str, body: bytes, *, max_messages: int = 1 << 30) -> RoutingRequ
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required and must be a non-empty string", param="model")
-    if path.split("?", 1)[0] == CHAT_PATH:
-        return _chat(model, data, max_messages)
-    return _completion(model, data)
+    route = path.split("?", 1)[0]
+    request = _chat(model, data, max_messages) if route == CHAT_PATH else _completion(model, data)
+    if len(body) <= FINGERPRINT_MAX_BYTES:
+        request = dataclasses.replace(request, fingerprint=hash(("body", route, body)) or 1)
+    return request
 
 
 def _completion(model: str, data: dict[str, Any]) -> RoutingRequest:

@@ -157,8 +157,10 @@ def _ascii_letter(ch: str) -> bool:
 
 
 
-class Chunker:
-    """A prompt's chunks, found and hashed lazily from the start.
+@dataclass(slots=True)
+class Chunks:
+    """A prompt's full chunks up to a point: where each ends, whether it ends on an added token,
+    and its chained hash.
 
     A chunk ends right after each added token (so chat messages, which templates close with
     one, begin new chunks and a new turn reuses every earlier message's chunks) and at most
@@ -166,35 +168,45 @@ class Chunker:
     prefix always gives the same chunks; each chunk's hash chains the text before it.
     """
 
-    __slots__ = ("text", "size", "splitter", "hash", "pos", "_next_span", "_scanned")
+    ends: list[int]
+    exact: list[bool]
+    hashes: list[ChunkHash]
 
-    def __init__(self, text: str, seed: str, size: int, splitter: Splitter):
-        self.text = text
-        self.size = size
-        self.splitter = splitter
-        self.hash = _digest(0, seed)
-        self.pos = 0
-        self._next_span: tuple[int, int] | None = None
-        self._scanned = 0
-        """Added tokens are searched for up to here (the next one, if any, is _next_span)."""
-
-    def next(self) -> tuple[int, int, bool] | None:
-        """(end, hash, ends_on_added_token) of the next full chunk; None when only a tail is left."""
-        text, pos = self.text, self.pos
-        limit = pos + self.size
-        if self._scanned <= pos or (self._next_span is not None and self._next_span[1] <= pos):
-            self._next_span = self.splitter.next_span(text, pos, min(len(text), limit + self.size))
-            self._scanned = min(len(text), limit + self.size) if self._next_span is None else self._next_span[0]
-        span = self._next_span
-        if span is not None and span[1] <= limit:
-            end, exact = span[1], True
-        elif limit <= len(text):
-            end, exact = limit, False
-        else:
-            return None
-        self.hash = _digest(self.hash, text[pos:end])
-        self.pos = end
-        return end, self.hash, exact
+    @classmethod
+    def of(cls, text: str, seed: str, size: int, splitter: Splitter, limit: int | None = None) -> "Chunks":
+        """The chunks of ``text``, or of its first ``limit`` characters when it is longer (only
+        chunks the rest of the text cannot change are kept)."""
+        whole = limit is None or limit >= len(text)
+        limit = len(text) if whole else limit
+        ends: list[int] = []
+        exact: list[bool] = []
+        pos = 0
+        for _, span_end in splitter.added_spans(text, 0, limit):
+            while span_end - pos > size:
+                pos += size
+                ends.append(pos)
+                exact.append(False)
+            ends.append(span_end)
+            exact.append(True)
+            pos = span_end
+        while limit - pos >= size:
+            pos += size
+            ends.append(pos)
+            exact.append(False)
+        if not whole:
+            # An added token starting past the limit could end a chunk that starts after limit - size.
+            keep = 0
+            while keep < len(ends) and (ends[keep - 1] if keep else 0) < limit - size:
+                keep += 1
+            del ends[keep:], exact[keep:]
+        hashes = []
+        h = _digest(0, seed)
+        start = 0
+        for end in ends:
+            h = hash((h, text[start:end]))
+            hashes.append(h)
+            start = end
+        return cls(ends, exact, hashes)
 
 
 @dataclass(slots=True)
@@ -222,6 +234,8 @@ class Tokenized:
     chars: int
     """Characters tokenized; past the cut the rest of the prompt is only estimated."""
     cached_tokens: int
+    estimated: int = 0
+    """Tokens of the whole prompt (exact or estimated past the cut), for limits.maxPromptTokens."""
     fill: Callable[[], None] | None = None
     """Caches the newly tokenized chunks; run after the decision, off the critical path."""
 
@@ -239,7 +253,11 @@ _Chunk = tuple  # (split point: int, tokens: bytes of native uint32, keys: bytes
 """A plain tuple of an int and bytes: the garbage collector stops tracking it, so a store of
 100,000 chunks adds no collection pauses (a class instance or an array would be tracked)."""
 
-_Prompt = tuple  # (keys: bytes of native uint64, exact tokens, cut, chars tokenized)
+_Prompt = tuple  # (keys: bytes of native uint64, exact tokens, cut, chars tokenized, estimated total)
+
+PLAN_CHARS = 65536
+"""A prompt's chunks are hashed up to at least this far (or 8 characters per token that can
+match); the rest of a longer prompt only if tokenizing goes that far."""
 
 INLINE_CHARS = 2048
 """Text up to this long is tokenized on the calling thread (the event loop): a worker-thread
@@ -262,7 +280,7 @@ class PrefixStore:
         self.max_blocks = max_blocks
         self.keyer = keyer
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
+        self._chunks_by_hash: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
         self._prompts: OrderedDict[ChunkHash, _Prompt] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
@@ -299,11 +317,12 @@ class PrefixStore:
             if entry is None:
                 return None
             self._prompts.move_to_end(key)
-        packed, tokens, cut, chars = entry
-        return Tokenized(list(memoryview(packed).cast("Q")), tokens, cut, chars, tokens)
+        packed, tokens, cut, chars, estimated = entry
+        return Tokenized(list(memoryview(packed).cast("Q")), tokens, cut, chars, tokens, estimated)
 
     def put_prompt(self, key: ChunkHash, result: Tokenized) -> None:
-        entry = (array("Q", result.keys).tobytes(), result.tokens, result.cut, result.chars)
+        entry = (array("Q", result.keys).tobytes(), result.tokens, result.cut, result.chars,
+                 result.estimated or result.tokens)
         with self._lock:
             old = self._prompts.pop(key, None)
             if old is not None:
@@ -317,41 +336,45 @@ class PrefixStore:
 
     # -- prefixes ----------------------------------------------------------------------
 
+    def _chunks(self, prompt: str, model: str, add_special_tokens: bool, splitter: Splitter,
+                limit: int | None = None) -> Chunks:
+        return Chunks.of(prompt, self._seed(model, add_special_tokens), self.config.block_size, splitter,
+                         limit if limit is not None else max(PLAN_CHARS, self.need_tokens * 8))
+
     def find_longest_contained_tokens(self, prompt: str, model: str, *, add_special_tokens: bool = False,
-                                      splitter: Splitter) -> tuple[Run, Chunker, list[_Chunk]]:
-        """The longest cached run of chunks from the prompt's start (possibly empty), the chunker
-        positioned right after it, and the run's chunks."""
-        chunker = Chunker(prompt, self._seed(model, add_special_tokens), self.config.block_size, splitter)
+                                      splitter: Splitter) -> tuple[Run, Chunks, list[_Chunk]]:
+        """The longest cached run of chunks from the prompt's start (possibly empty), the prompt's
+        chunks, and the run's chunks."""
+        chunks = self._chunks(prompt, model, add_special_tokens, splitter)
         found: list[_Chunk] = []
+        stored = self._chunks_by_hash
         with self._lock:
-            while True:
-                state = (chunker.pos, chunker.hash)
-                step = chunker.next()
-                if step is None:
-                    break
-                chunk = self._chunks.get(step[1])
+            for h in chunks.hashes:
+                chunk = stored.get(h)
                 if chunk is None:
-                    chunker.pos, chunker.hash = state  # the miss is the first chunk to fill
                     break
-                self._chunks.move_to_end(step[1])
+                stored.move_to_end(h)
                 found.append(chunk)
         run = Run(chunks=len(found))
         if found:
             run.chars = found[-1][0]
-            for _, packed, keys in found:
-                run.tokens += len(packed) // 4
-                run.keys.extend(memoryview(keys).cast("Q"))
-        return run, chunker, found
+            keys = run.keys
+            for _, packed, packed_keys in found:
+                run.tokens += len(packed)
+                if packed_keys:
+                    keys.extend(memoryview(packed_keys).cast("Q"))
+            run.tokens //= 4
+        return run, chunks, found
 
     def plan(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> "Plan":
         """What the store knows of the prompt (cheap: hashing and lookups, no tokenizing)."""
         splitter = self.splitter(tokenizer)
         if add_special_tokens and splitter.special_prefix is None:
             # Special tokens that are not a plain prefix: only a whole encoding is exact.
-            return Plan(prompt, tokenizer, splitter, Run(), None, [], whole=True)
-        run, chunker, found = self.find_longest_contained_tokens(prompt, model, add_special_tokens=add_special_tokens,
-                                                                 splitter=splitter)
-        return Plan(prompt, tokenizer, splitter, run, chunker, found, add_special_tokens=add_special_tokens)
+            return Plan(prompt, model, tokenizer, splitter, Run(), None, [], whole=True)
+        run, chunks, found = self.find_longest_contained_tokens(prompt, model, add_special_tokens=add_special_tokens,
+                                                                splitter=splitter)
+        return Plan(prompt, model, tokenizer, splitter, run, chunks, found, add_special_tokens=add_special_tokens)
 
     def finish(self, plan: "Plan") -> Tokenized:
         """Encode what the plan lacks, until every block that can match is known, and key it."""
@@ -371,9 +394,7 @@ class PrefixStore:
                                      self.max_blocks - len(run.keys))
         chars = pieces[-1][1]
         result = Tokenized(keys, run.tokens + len(new_ids), chars < len(prompt), chars, run.tokens)
-        chunker = plan.chunker
-        assert chunker is not None
-        result.fill = lambda: self._store_chunks(chunker, run, pieces, keys)
+        result.fill = lambda: self._store_chunks(plan, pieces, keys)
         return result
 
     def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> Tokenized:
@@ -407,23 +428,25 @@ class PrefixStore:
             window *= 2
         return pieces
 
-    def _store_chunks(self, chunker: Chunker, run: Run, pieces: list[tuple[int, int, object]],
-                      keys: list[int]) -> None:
+    def _store_chunks(self, plan: "Plan", pieces: list[tuple[int, int, object]], keys: list[int]) -> None:
         """Cache the chunks the new pieces cover: each chunk's tokens up to its split point, and the
         keys of the blocks that end inside them."""
-        splitter = chunker.splitter
+        splitter, run, text = plan.splitter, plan.run, plan.prompt
+        covered = pieces[-1][1]
+        chunks = plan.chunks
+        assert chunks is not None
+        if chunks.ends and chunks.ends[-1] < covered and covered - chunks.ends[-1] >= self.config.block_size:
+            chunks = self._chunks(text, plan.model, plan.add_special_tokens, splitter, covered + 2 * self.config.block_size)
         starts = [first for first, _, _ in pieces]
         packed_pieces = [array("I", encoding.ids).tobytes() for _, _, encoding in pieces]
-        covered = pieces[-1][1]
         block = self.block_size
         split, tokens_before = run.chars, run.tokens
         new: list[tuple[ChunkHash, _Chunk]] = []
-        while True:
-            step = chunker.next()
-            if step is None or step[0] > covered:
+        for i in range(run.chunks, len(chunks.ends)):
+            end = chunks.ends[i]
+            if end > covered:
                 break
-            end, chunk_hash, exact = step
-            cut = end if exact else max(split, splitter.last_split(chunker.text, split, end - splitter.margin))
+            cut = end if chunks.exact[i] else max(split, splitter.last_split(text, split, end - splitter.margin))
             parts: list[bytes] = []
             pos = split
             while pos < cut:
@@ -436,21 +459,21 @@ class PrefixStore:
             packed = b"".join(parts)
             count = len(packed) // 4
             chunk_keys = keys[tokens_before // block:min((tokens_before + count) // block, len(keys))]
-            new.append((chunk_hash, (cut, packed, array("Q", chunk_keys).tobytes())))
+            new.append((chunks.hashes[i], (cut, packed, array("Q", chunk_keys).tobytes())))
             tokens_before += count
             split = cut
         with self._lock:
             for h, chunk in new:
-                if h not in self._chunks:
-                    self._chunks[h] = chunk
+                if h not in self._chunks_by_hash:
+                    self._chunks_by_hash[h] = chunk
                     self._bytes += len(chunk[1]) + len(chunk[2]) + _ENTRY_OVERHEAD
-            while len(self._chunks) > self.config.max_entries:
-                _, old = self._chunks.popitem(last=False)
+            while len(self._chunks_by_hash) > self.config.max_entries:
+                _, old = self._chunks_by_hash.popitem(last=False)
                 self._bytes -= len(old[1]) + len(old[2]) + _ENTRY_OVERHEAD
                 self.evictions += 1
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._chunks_by_hash)
 
     @property
     def prompts(self) -> int:
@@ -464,10 +487,11 @@ class PrefixStore:
 @dataclass(slots=True)
 class Plan:
     prompt: str
+    model: str
     tokenizer: object
     splitter: Splitter
     run: Run
-    chunker: Chunker | None
+    chunks: Chunks | None
     found: list
     add_special_tokens: bool = False
     whole: bool = False

@@ -334,3 +334,22 @@ async def test_when_the_index_fails_the_known_owners_still_decide(tokenizers, to
     assert match.degraded and match.matched == {"pod-a": shared}
     with pytest.raises(IndexUnavailable):
         await indexer.get_pod_scores(chat(12, "nothing known"), PODS)
+
+
+async def test_the_same_body_again_needs_no_rendering(tokenizers, monkeypatch):
+    import json
+
+    from extproc import indexer as indexer_module
+    from extproc.requests import parse
+
+    _, indexer = await subscribed(tokenizers)
+    body = json.dumps({"model": MODEL, "messages": chat(13, "q").messages}).encode()
+    first = await indexer.get_pod_scores(parse("/v1/chat/completions", body), PODS)
+    rendered = []
+    real = indexer_module.prompt_text
+    monkeypatch.setattr(indexer_module, "prompt_text", lambda *a: rendered.append(1) or real(*a))
+    again = await indexer.get_pod_scores(parse("/v1/chat/completions", body), PODS)
+    other = await indexer.get_pod_scores(parse("/v1/chat/completions", body.replace(b'"model"', b'"stream": true, "model"')), PODS)
+    assert (first.cache, again.cache, other.cache) == ("miss", "hit", "hit")
+    assert len(rendered) == 1, "only the body with other bytes was rendered (and found by its text)"
+    assert again.total_blocks == other.total_blocks == first.total_blocks
