@@ -155,6 +155,44 @@ class FloorExtProc(NoopExtProc):
         await server.stop(1)
 
 
+class FloorDuplexExtProc(NoopExtProc):
+    """The floor for FULL_DUPLEX_STREAMED: that mode must hold the headers answer and hand the body
+    back, so this one parses (with the same C parser kv-extproc uses) and does nothing else."""
+
+    def __init__(self, port: int, *, header: str, address: str):
+        super().__init__(port)
+        self.held = responses.headers_route(header, address, (header,))
+
+    async def _serve(self) -> None:
+        from extproc import wire
+
+        held = self.held
+
+        async def process(messages, context):
+            body = bytearray()
+            async for message in messages:
+                kind = message.WhichOneof("request")
+                if kind == "request_body":
+                    body += message.request_body.body
+                    if message.request_body.end_of_stream:
+                        yield held
+                        for chunk in responses.body_chunks(bytes(body)):
+                            yield chunk
+                elif kind == "response_headers":  # the shipped duplex config keeps the stream to the response
+                    yield responses.RESPONSE_HEADERS_CONTINUE
+
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=wire.parse_request,
+                                                        response_serializer=None)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(1)
+
+
 LUA = """
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
@@ -284,7 +322,10 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                           f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}",
                           flush=True)
         if kv is not None and "floor" in variants and os.environ.get("BENCH_DOC", "1") != "0":
-            results["doc"] = measure_document(tokenizer, proxy, kv, floor_port)
+            duplex_port = launcher.free_port()
+            FloorDuplexExtProc(duplex_port, header=header, address=pods[0]["address"]).start()
+            results["doc"] = measure_document(tokenizer, proxy, kv, {"envoy.yaml": floor_port,
+                                                                      "envoy-full-duplex.yaml": duplex_port})
     finally:
         for part in reversed(started):
             part.proc.stop()
@@ -292,12 +333,12 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
     return results
 
 
-def measure_document(tokenizer, proxy, kv_listen: str, floor_port: int, repeats: int = 7) -> list[dict]:
+def measure_document(tokenizer, proxy, kv_listen: str, floor_ports: dict[str, int], repeats: int = 7) -> list[dict]:
     """A unique ~1 MB document after a cached 2k-token system prompt, one request at a time."""
     system = text_of_tokens(tokenizer, 2000, seed=2000)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     rows = []
-    for template in ("envoy.yaml", "envoy-full-duplex.yaml"):
+    for template, floor_port in floor_ports.items():
         urls = {"floor": proxy(lambda c: c, f"127.0.0.1:{floor_port}", template),
                 "kv-extproc": proxy(lambda c: c, kv_listen, template)}
         post_timed(urls["kv-extproc"], chat_body(system, "warm-up").encode())  # the system prompt is now cached

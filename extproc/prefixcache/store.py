@@ -44,6 +44,8 @@ _SELF_TEST_TEXTS = (
     "naïve café résumé über straße and the word apple",
     "You are a helpful assistant. Answer in English. Cite sources when you can.",
     "line one\nline two\n\nline three ends here with words",
+    "In 2024 we shipped version 3 of it, then 17 more fixes and 2 x 4 tests.",
+    "alpha123 beta456 gamma789 delta0 epsilon 42 zeta 7eta 8 theta",
 )
 
 
@@ -71,20 +73,23 @@ class Splitter:
         for token in sorted(set(added), key=len, reverse=True):
             self._added_by_first.setdefault(token[0], []).append(token)
         self.margin = max((len(a) for a in added), default=0) + 3
-        self.word_splits = self._check(self._word_positions)
+        self._word: re.Pattern | None = None
+        """Spaces the tokenizer always splits before (checked on it), or None."""
+        for rule in (self._AFTER_WORD_OR_NUMBER, self._BETWEEN_WORDS):
+            if self._check(rule):
+                self._word = rule
+                break
+        self.word_splits = self._word is not None
         self.special_prefix = self._special_prefix()
 
-    _WORD = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+    _BETWEEN_WORDS = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+    _AFTER_WORD_OR_NUMBER = re.compile(r"(?<=[A-Za-z0-9]) (?=[A-Za-z])")
 
-    def _word_positions(self, text: str, start: int, end: int) -> Iterable[int]:
-        """Spaces at positions start..end with an ASCII letter on each side."""
-        return (m.start() for m in self._WORD.finditer(text, start, end + 2) if m.start() <= end)
-
-    def _check(self, positions) -> bool:
-        """True if cutting at every such position in the sample texts keeps the tokens."""
+    def _check(self, rule: re.Pattern) -> bool:
+        """True if cutting at every space the rule names in the sample texts keeps the tokens."""
         for text in _SELF_TEST_TEXTS:
             whole = self._encode(text, add_special_tokens=False).ids
-            for p in positions(text, 1, len(text) - 2):
+            for p in (m.start() for m in rule.finditer(text)):
                 parts = self._encode(text[:p], add_special_tokens=False).ids + self._encode(text[p:], add_special_tokens=False).ids
                 if parts != whole:
                     return False
@@ -142,17 +147,17 @@ class Splitter:
             i -= 1
         if i >= 0 and spans[i][1] > best:
             best = spans[i][1]
-        if self.word_splits:
-            p = text.rfind(" ", best + 1, word_end + 1)
-            while p > best:
-                if _ascii_letter(text[p - 1]) and p + 1 < len(text) and _ascii_letter(text[p + 1]):
-                    return p
-                p = text.rfind(" ", best + 1, p)
+        if self._word is not None:
+            # Backwards, a stretch at a time: the last word split is usually near the end.
+            hi = word_end + 1
+            while hi > best + 1:
+                lo = max(best + 1, hi - 512)
+                found = [m.start() for m in self._word.finditer(text, lo, min(len(text), hi + 1))
+                         if m.start() <= word_end]
+                if found:
+                    return found[-1]
+                hi = lo
         return best
-
-
-def _ascii_letter(ch: str) -> bool:
-    return ("a" <= ch <= "z") or ("A" <= ch <= "Z")
 
 
 
@@ -410,7 +415,7 @@ class PrefixStore:
         end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
         tokenization gives there."""
         pieces: list[tuple[int, int, object]] = []
-        window = max(need * 6, self.min_window_chars)
+        window = max(need * 2, self.min_window_chars)
         pos, got = start, 0
         while pos < len(text) and got < need:
             end = pos + window
@@ -424,8 +429,9 @@ class PrefixStore:
             encoding = backend.encode(text[pos:cut], add_special_tokens=add_special_tokens and pos == 0)
             pieces.append((pos, cut, encoding))
             got += len(encoding.ids)
+            # Next stretch: what is still needed at the characters per token seen so far, plus a margin.
+            window = max(self.min_window_chars, int((need - got) * (cut - start) / max(got, 1) * 1.2) + 256)
             pos = cut
-            window *= 2
         return pieces
 
     def _store_chunks(self, plan: "Plan", pieces: list[tuple[int, int, object]], keys: list[int]) -> None:
