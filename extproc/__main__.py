@@ -27,6 +27,8 @@ from .health import Readiness
 from .index import BlockIndex, IndexUnavailable, open_index
 from . import indexer as indexer_mod
 from .indexer import Indexer
+from .load import LoadScraper
+from .prefixcache.speculation import Speculation
 from .metrics import Metrics
 from .podhealth import PodHealthChecker
 from .pods import PodPool
@@ -107,7 +109,12 @@ class Served:
         named the others as needing a restart and kept their running values in ``new``."""
         profile = scoring.build(new.scoring)  # may refuse the file: before anything changes
         old, self.config = self.config, new
-        self.tokenizers.set_sources(_tokenizer_sources(new))
+        before, after = _tokenizer_sources(old), _tokenizer_sources(new)
+        self.tokenizers.set_sources(after)
+        if self.indexer.cache is not None:
+            for model in before.keys() & after.keys():
+                if before[model] != after[model]:
+                    self.indexer.cache.store.forget_model(model)
         if self.membership is not None:
             await self.membership.reload(new)  # subscriptions follow the discovered pods
         else:
@@ -115,6 +122,7 @@ class Served:
             if self.ingester is not None:
                 await self.ingester.reconfigure(new)
         self.router.profile = profile
+        self.indexer.speculation.ttl = new.scoring.speculative_ttl
         self.router.decision_timeout = new.decision_timeout
         self.router.log_prompts = new.log_prompts
         self.service.routing_header = new.routing_header
@@ -170,6 +178,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         max_entry_age=config.index.max_entry_age,
         cache=cache,
         max_prompt_tokens=config.limits.max_prompt_tokens,
+        speculation=Speculation(config.scoring.speculative_ttl),  # ttl 0: off, and a reload may turn it on
     )
     router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
                     log_prompts=config.log_prompts)
@@ -221,6 +230,11 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         if config.prefix_store_config.mirror and not index.local:
             supervisor.spawn("mirror", lambda: _keep_mirror(indexer))
     served.start_pod_health()
+    if config.load.enabled:
+        lc = config.load
+        scraper = LoadScraper(pool, path=lc.path, interval=lc.interval, timeout=lc.timeout, stale_after=lc.stale_after,
+                              concurrency=lc.max_concurrent, metrics=metrics)
+        supervisor.spawn("load", scraper.run)
     metrics.watch_pods(pool, ingester)
     metrics_server = _serve_metrics(config, metrics)
     log.info(
@@ -427,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--kv-events", default="", help="publish KV events here, e.g. tcp://*:5557")
     sim.add_argument("--tokenizer", default="", help="tokenizer dir (default: the bundled Qwen3 one)")
     sim.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    sim.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                     help="prefill time for uncached prompt tokens (0: instant); prompts queue for it")
+    sim.add_argument("--decode-ms", type=float, default=0.0, help="decode time per request, after the first token")
     quick_p = sub.add_parser("quickstart", help="run Envoy + kv-extproc + Redis + 3 simulated pods locally")
     quick_p.add_argument("--port", type=int, default=8080, help="Envoy listener port (0 picks a free one)")
     quick_p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo requests")
@@ -435,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate-pod":
         from .sim.pod import run_simulated
 
-        run_simulated(args.id, args.listen, kv_events=args.kv_events, tokenizer=args.tokenizer, model=args.model)
+        run_simulated(args.id, args.listen, kv_events=args.kv_events, tokenizer=args.tokenizer, model=args.model,
+                      prefill_tokens_per_s=args.prefill_tokens_per_s, decode_s=args.decode_ms / 1000)
         return 0
     if args.command == "quickstart":
         from .sim.quickstart import run

@@ -236,13 +236,40 @@ class ScorerConfig(_Section):
 class ScoringConfig(_Section):
     """How a pod is chosen: total = sum of weight x score (each 0..1), then the picker."""
 
-    scorers: list[ScorerConfig] = msgspec.field(default_factory=lambda: [ScorerConfig(type="prefix")])
+    scorers: list[ScorerConfig] = msgspec.field(default_factory=lambda: [ScorerConfig(type="ttft")])
     picker: str = "max"
-    """max: the highest total; ties go to the fewest requests in flight, then take turns."""
+    """max: the highest total; ties go to the fewest requests in flight, then take turns.
+    weightedRandom: at random, in proportion to the totals."""
+    queued_request_tokens: int = 1536
+    """ttft scorer: what one request ahead in a pod's queue costs, in prompt tokens to compute
+    (chosen on the fleet simulator among 1024..3072)."""
+    speculative_ttl: Duration = msgspec.field(default=Duration(2.0), name="speculativeTTL")
+    """A pod a request was just sent to counts as holding its blocks this long, until its KV
+    events say so (0: off), so a burst sharing a new prefix does not scatter."""
 
     def __post_init__(self) -> None:
         if not self.scorers:
             raise ValueError("scorers must list at least one scorer")
+        if self.queued_request_tokens < 0 or self.speculative_ttl < 0:
+            raise ValueError("queuedRequestTokens and speculativeTTL must not be negative")
+
+
+class LoadConfig(_Section):
+    """Engine load signals: every pod's vLLM /metrics, scraped by each serve replica."""
+
+    enabled: bool = True
+    path: str = "/metrics"
+    interval: Duration = Duration(0.05)
+    timeout: Duration = Duration(0.5)
+    stale_after: Duration = Duration(2.0)
+    """Older readings are unknown, not idle."""
+    max_concurrent: int = 16
+
+    def __post_init__(self) -> None:
+        _positive("interval", self.interval)
+        _positive("timeout", self.timeout)
+        _positive("staleAfter", self.stale_after)
+        _positive("maxConcurrent", self.max_concurrent)
 
 
 class PodHealthConfig(_Section):
@@ -363,6 +390,7 @@ class Config(_Section):
     """Past this, the request is routed by load instead of waiting on tokenizer or index."""
     tokenization: TokenizationConfig = TokenizationConfig()
     scoring: ScoringConfig = ScoringConfig()
+    load: LoadConfig = LoadConfig()
     limits: LimitsConfig = LimitsConfig()
     ingest: IngestConfig = IngestConfig()
     enable_pod_mapping_cache: bool = True

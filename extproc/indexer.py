@@ -23,6 +23,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from .blocks import HashScheme, block_keys
 from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
 from .prefixcache import CacheStats, PrefixCache, Tokenized
+from .prefixcache.speculation import Speculation
 from .prefixcache.store import INLINE_CHARS
 from .requests import RoutingRequest
 from .tokenization import PromptRenderError, TokenizerManager, prompt_text
@@ -46,6 +47,10 @@ class PrefixMatch:
     """hit, partial, miss, error or off."""
     degraded: bool = False
     """The index could not answer for some blocks: matched on the cached owners alone."""
+    keys: list[int] = field(default_factory=list)
+    """The prompt's block keys (for speculative owners once a pod is chosen)."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt (estimated past the blocks that can match)."""
 
 
 def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
@@ -91,6 +96,7 @@ class Indexer:
     max_entry_age: float = 0.0
     cache: PrefixCache | None = None
     max_prompt_tokens: int = 1 << 30
+    speculation: Speculation | None = None
     _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
 
     def keys(self, tokens: Sequence[int], parent: int | None = None, max_blocks: int | None = None) -> list[int]:
@@ -106,14 +112,16 @@ class Indexer:
         t0 = time.perf_counter()
         fill: Callable[[], None] | None = None
         if request.token_ids is not None:
-            self._check_length(len(request.token_ids))
+            total = len(request.token_ids)
+            self._check_length(total)
             keys, outcome = self.keys(request.token_ids), "off"
             timings["hash"] = time.perf_counter() - t0
         elif self.cache is None:
             tokens = await self.tokenizers.tokenize(request)
             t1 = time.perf_counter()
             timings["tokenize"] = t1 - t0
-            self._check_length(len(tokens))
+            total = len(tokens)
+            self._check_length(total)
             keys, outcome = self.keys(tokens), "off"
             timings["hash"] = time.perf_counter() - t1
         else:
@@ -145,7 +153,12 @@ class Indexer:
         timings["lookup"] = t3 - t2
         matched = matched_prefix(hits, pod_ids, self._not_before())
         timings["score"] = time.perf_counter() - t3
-        return PrefixMatch(matched, len(keys), timings, outcome, degraded)
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total)
+
+    def routed(self, model: str, keys: list[int], pod: str, held: int) -> None:
+        """The request went to ``pod``, which held its first ``held`` blocks: it will hold the rest soon."""
+        if self.speculation is not None:
+            self.speculation.routed(model, keys[held:], pod)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
         """(keys and counts, cache outcome, estimated prompt tokens), through the prefix store."""
@@ -156,7 +169,7 @@ class Indexer:
             # Rendering a long prompt is work for a worker thread, not the event loop.
             return await self.tokenizers.run(request.model, self._prepare, request)
         if request.fingerprint:
-            known = store.get_prompt(request.fingerprint)
+            known = store.get_prompt(store.request_key(request.fingerprint, request.model))
             if known is not None:  # the very same body: nothing to render, hash or tokenize
                 return known, "hit", known.estimated
         text, add_special_tokens = prompt_text(tokenizer, request)
@@ -174,7 +187,7 @@ class Indexer:
         else:
             result, outcome = known, "hit"
         if request.fingerprint:
-            store.put_prompt(request.fingerprint, result)
+            store.put_prompt(store.request_key(request.fingerprint, request.model), result)
         return result, outcome, result.estimated
 
     def _prepare(self, tokenizer, request: RoutingRequest) -> tuple[Tokenized, str, int]:
@@ -199,9 +212,15 @@ class Indexer:
         if not keys:
             return [], False
         owners = self.cache.owners if self.cache is not None else None
+        speculation = self.speculation
         if owners is None or not owners.enabled or getattr(self.index, "local", False):
-            return await self.index.lookup(model, keys), False
+            hits = await self.index.lookup(model, keys)
+            if speculation is not None:
+                speculation.overlay(model, keys, hits)
+            return hits, False
         known = owners.get(model, keys)
+        if speculation is not None:
+            speculation.overlay(model, keys, known)
         not_before = self._not_before()
         active = list(pod_ids)
         for depth, holders in enumerate(known):
@@ -224,6 +243,8 @@ class Indexer:
         log.debug("CACHED blocks=%d asked=%d refused=%d", len(keys), len(ask), len(refused))
         for i, answer in zip(ask, answers):
             known[i] = answer
+        if speculation is not None:
+            speculation.overlay(model, keys, known, depth)
         return known, False  # type: ignore[return-value]
 
     @staticmethod
@@ -249,6 +270,8 @@ class Indexer:
         """Listener for the index's invalidation feed (every store and removal, any pod)."""
         if self.cache is not None:
             self.cache.owners.apply(message)
+        if self.speculation is not None:
+            self.speculation.apply(message)
 
     async def load_mirror(self) -> bool:
         """Load every block of the index into the owner cache (mirror mode); True once complete."""

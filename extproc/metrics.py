@@ -100,6 +100,9 @@ class Metrics:
             "Times the ingester found the index emptied (e.g. Redis restarted without persistence) and rebuilt it.",
             registry=r,
         )
+        self.load_scrape_errors = Counter(
+            "kv_extproc_load_scrape_errors", "Engine /metrics scrapes that failed or timed out.", ["pod"], registry=r
+        )
         self.internal_errors = Counter(
             "kv_extproc_internal_errors",
             "Requests that hit a bug of ours and were passed on unrouted (Envoy's own pool chose).", registry=r,
@@ -167,9 +170,18 @@ class _PodCollector(Collector):
             yield GaugeMetricFamily("kv_extproc_pods", "Candidate pods configured.", value=len(self._pool))
             healthy = GaugeMetricFamily("kv_extproc_pod_healthy", "1 if the pod answers its health checks.",
                                         labels=["pod"])
+            engine = {name: GaugeMetricFamily(f"kv_extproc_pod_engine_{name}", text, labels=["pod"]) for name, text in (
+                ("requests_waiting", "The engine's vllm:num_requests_waiting, last scraped (absent while stale)."),
+                ("requests_running", "The engine's vllm:num_requests_running, last scraped."),
+                ("kv_cache_usage", "The engine's vllm:kv_cache_usage_perc, last scraped (0..1)."))}
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
+                if pod.engine is not None:
+                    engine["requests_waiting"].add_metric([pod.id], pod.engine.waiting)
+                    engine["requests_running"].add_metric([pod.id], pod.engine.running)
+                    engine["kv_cache_usage"].add_metric([pod.id], pod.engine.kv_usage)
             yield healthy
+            yield from engine.values()
         if self._ingester is not None:
             age = GaugeMetricFamily("kv_extproc_pod_index_age_seconds",
                                     "Seconds since the pod's last KV event reached the index.", labels=["pod"])

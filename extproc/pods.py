@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import PodConfig
+
+if TYPE_CHECKING:
+    from .load import EngineLoad
 
 
 @dataclass(eq=False, slots=True)
@@ -23,6 +27,10 @@ class Pod:
     healthy: bool = True
     failing_since: float | None = None
     """Monotonic time of the first failed health check in the current run of failures."""
+    engine: "EngineLoad | None" = None
+    """The engine's own load, last scraped (load.py); None while unknown or stale."""
+    in_flight_at_scrape: int = 0
+    """This replica's own requests open here when the engine was read (its reading counts them)."""
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""
@@ -74,8 +82,19 @@ class PodPool:
         return least_in_flight(pods, self._turn)
 
 
+def load_of(pod: Pod) -> float:
+    """Requests on the pod as far as this replica can tell: its own open streams now (it sees
+    each decision and each end at once) plus the other replicas' share of the engine's last
+    reading (the engine's waiting and running less ours it counted then)."""
+    engine = pod.engine
+    if engine is None:
+        return float(pod.in_flight)
+    return pod.in_flight + max(0.0, engine.waiting + engine.running - pod.in_flight_at_scrape)
+
+
 def least_in_flight(pods: Sequence[Pod], turn: int) -> Pod:
-    """The pod with the fewest requests in flight; ``turn`` rotates among equals."""
-    fewest = min(pod.in_flight for pod in pods)
-    tied = [pod for pod in pods if pod.in_flight == fewest]
+    """The least loaded pod (load_of); ``turn`` rotates among equals."""
+    loads = [load_of(pod) for pod in pods]
+    fewest = min(loads)
+    tied = [pod for pod, load in zip(pods, loads) if load == fewest]
     return tied[turn % len(tied)]

@@ -104,7 +104,9 @@ class Router:
         if match.degraded:
             self.metrics.index_errors.inc()
             self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
-        decision = self.profile.decide(Context(request, match.matched, match.total_blocks), candidates)
+        context = Context(request, match.matched, match.total_blocks, self.indexer.block_size, match.prompt_tokens)
+        decision = self.profile.decide(context, candidates)
+        self.indexer.routed(request.model, match.keys, decision.pod.id, decision.matched_blocks)
         elapsed = time.perf_counter() - started
         for stage, seconds in match.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)

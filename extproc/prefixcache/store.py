@@ -289,6 +289,9 @@ class PrefixStore:
         self._prompts: OrderedDict[ChunkHash, _Prompt] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
+        self._generations: dict[str, int] = {}
+        """model -> times its tokenizer changed; part of every key, so nothing learnt with an
+        old tokenizer is found again (those entries age out of the LRU)."""
         self._splitters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         """tokenizer -> its Splitter, freed with the tokenizer (an id() could be reused by
         another model's tokenizer and hand it the wrong split rules)."""
@@ -306,9 +309,18 @@ class PrefixStore:
                      " and between words" if splitter.word_splits else " only", splitter.margin)
         return splitter
 
-    @staticmethod
-    def _seed(model: str, add_special_tokens: bool) -> str:
-        return f"{model}\0{int(add_special_tokens)}"
+    def _seed(self, model: str, add_special_tokens: bool) -> str:
+        return f"{model}\0{self._generations.get(model, 0)}\0{int(add_special_tokens)}"
+
+    def forget_model(self, model: str) -> None:
+        """The model's tokenizer changed (a reload): its chunks, prompts and request bodies
+        were cut and counted by the old one."""
+        with self._lock:
+            self._generations[model] = self._generations.get(model, 0) + 1
+
+    def request_key(self, fingerprint: int, model: str) -> ChunkHash:
+        """The key of a whole request body (requests.py's fingerprint) for the model's tokenizer."""
+        return hash((fingerprint, self._generations.get(model, 0)))
 
     # -- whole prompts ---------------------------------------------------------------
 

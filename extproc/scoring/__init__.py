@@ -14,16 +14,23 @@ from ..pods import Pod
 from ..requests import RoutingRequest
 from .base import Context, Decision, Filter, Picker, Scorer, Scores
 from .filters import Healthy
-from .picker import MaxScorePicker
+from .load import InFlightScorer, KvUtilizationScorer, QueueScorer
+from .picker import MaxScorePicker, WeightedRandomPicker
 from .prefix import PrefixScorer
+from .ttft import TtftScorer
 
 __all__ = ["Context", "Decision", "Filter", "Picker", "Profile", "Scorer", "Scores", "build"]
 
-SCORERS: dict[str, Callable[[], Scorer]] = {
-    "prefix": PrefixScorer,
+SCORERS: dict[str, Callable[[ScoringConfig], Scorer]] = {
+    "prefix": lambda config: PrefixScorer(),
+    "ttft": lambda config: TtftScorer(config.queued_request_tokens),
+    "queue": lambda config: QueueScorer(),
+    "inFlight": lambda config: InFlightScorer(),
+    "kvCacheUtilization": lambda config: KvUtilizationScorer(),
 }
 PICKERS: dict[str, Callable[[], Picker]] = {
     "max": MaxScorePicker,
+    "weightedRandom": WeightedRandomPicker,
 }
 
 
@@ -63,7 +70,7 @@ def build(config: ScoringConfig) -> Profile:
         if make is None:
             raise ConfigError(f"invalid config: unknown scorer type {entry.type!r} (known: {', '.join(SCORERS)})"
                               f" - at '$.scoring.scorers[{n}].type'")
-        scorers.append((make(), entry.weight))
+        scorers.append((make(config), entry.weight))
     make_picker = PICKERS.get(config.picker)
     if make_picker is None:
         raise ConfigError(f"invalid config: unknown picker {config.picker!r} (known: {', '.join(PICKERS)})"

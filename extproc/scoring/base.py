@@ -24,6 +24,14 @@ class Context:
     matched: dict[str, int]
     """pod id -> blocks of the prompt it holds consecutively from the first."""
     total_blocks: int
+    block_tokens: int = 0
+    """Tokens per block."""
+    prompt_tokens: int = 0
+    """The prompt's tokens (estimated past the blocks that can match)."""
+
+    def uncached_tokens(self, pod_id: str) -> int:
+        """Prompt tokens the pod would have to compute (prefill) for this request."""
+        return max(0, self.prompt_tokens - self.matched.get(pod_id, 0) * self.block_tokens)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from ..pods import Pod, least_in_flight
@@ -23,3 +24,17 @@ class MaxScorePicker:
             return tied[0]
         self._turn += 1
         return least_in_flight(tied, self._turn)
+
+
+class WeightedRandomPicker:
+    """At random in proportion to the totals (A-Res: the largest U ** (1 / total) wins), so
+    near-equal pods share a burst instead of all of it landing on one."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def pick(self, pods: Sequence[Pod], totals: dict[str, float]) -> Pod:
+        def key(pod: Pod) -> float:
+            weight = totals[pod.id]
+            return self._random.random() ** (1.0 / weight) if weight > 0 else -1.0 + self._random.random() * 1e-9
+        return max(pods, key=key)

@@ -165,27 +165,73 @@ class EngineCache:
 
 
 class SimulatedEngine:
-    """What a vLLM pod does with its cache per request: look up, store, evict, publish."""
+    """What a vLLM pod does with its cache and its time per request.
 
-    def __init__(self, tokenize, cache: EngineCache, publisher: KVEventPublisher | None):
+    Look up, store, evict, publish; and, when ``prefill_tokens_per_s`` is set, take time as an
+    engine does: prompts are prefilled one at a time (a queue), for as long as their uncached
+    tokens take, then decode for ``decode_s`` alongside the others. KV events are published
+    after the prefill, as vLLM does. ``waiting``/``running`` are what its /metrics report.
+    """
+
+    def __init__(self, tokenize, cache: EngineCache, publisher: KVEventPublisher | None, *,
+                 prefill_tokens_per_s: float = 0.0, decode_s: float = 0.0):
         self.tokenize = tokenize
         self.cache = cache
         self.publisher = publisher
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.decode_s = decode_s
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.queries = 0
+        self.waiting = 0
+        self.running = 0
+        self._prefill = threading.Lock()
+        self._counts = threading.Lock()
 
-    def serve(self, path: str, body: bytes) -> int:
-        """Returns how many of the prompt's tokens were already cached."""
+    def serve(self, path: str, body: bytes, first_token=None) -> int:
+        """Returns how many of the prompt's tokens were already cached; calls ``first_token()``
+        when the prefill is done (streaming answers send their first chunk then)."""
         try:
             tokens = self.tokenize(path, body)
         except Exception:  # noqa: BLE001 - a prompt the engine cannot read caches nothing
-            return 0
-        hit, events = self.cache.admit(tokens)
-        self.prompt_tokens += len(tokens)
-        self.cached_tokens += hit
-        if events and self.publisher is not None:
-            self.publisher.publish(events)
+            tokens = []
+        with self._counts:
+            self.waiting += 1
+        try:
+            with self._prefill:
+                with self._counts:
+                    self.waiting -= 1
+                    self.running += 1
+                hit, events = self.cache.admit(tokens) if tokens else (0, [])
+                if self.prefill_tokens_per_s:
+                    time.sleep((len(tokens) - hit) / self.prefill_tokens_per_s)
+                with self._counts:
+                    self.queries += 1
+                    self.prompt_tokens += len(tokens)
+                    self.cached_tokens += hit
+                if events and self.publisher is not None:
+                    self.publisher.publish(events)
+            if first_token is not None:
+                first_token()
+            if self.decode_s:
+                time.sleep(self.decode_s)
+        finally:
+            with self._counts:
+                self.running -= 1
         return hit
+
+    def metrics_text(self) -> str:
+        """vLLM's names, in Prometheus text format."""
+        with self._counts:
+            waiting, running = self.waiting, self.running
+            queries, hits = self.prompt_tokens, self.cached_tokens
+        usage = len(self.cache.blocks) / self.cache.capacity if self.cache.capacity else 0.0
+        label = '{engine="0",model_name="sim"}'
+        return (f"vllm:num_requests_waiting{label} {waiting}.0\n"
+                f"vllm:num_requests_running{label} {running}.0\n"
+                f"vllm:kv_cache_usage_perc{label} {usage}\n"
+                f"vllm:prefix_cache_queries_total{label} {queries}.0\n"
+                f"vllm:prefix_cache_hits_total{label} {hits}.0\n")
 
     def reset(self) -> None:
         events = self.cache.clear()

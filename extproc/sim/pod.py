@@ -116,11 +116,51 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
                     self.rfile.readline()
             return self.rfile.read(int(self.headers.get("content-length") or 0))
 
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _stream(self, body: bytes) -> None:
+            """Server-sent events as vLLM streams them: the first chunk once the prefill is done
+            (what a client measures as time to first token), the rest after the decode."""
+            chat = self.path.startswith("/v1/chat/completions")
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-served-by", pod.pod_id)
+            self.end_headers()
+
+            def event(payload: dict) -> bytes:
+                return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+            def piece(text: str, finish: str | None) -> dict:
+                choice = ({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+                return {"id": f"sim-{pod.pod_id}", "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": int(time.time()), "model": pod.model, "choices": [choice]}
+
+            first = lambda: self._chunk(event(piece(pod.pod_id, None)))  # noqa: E731
+            if pod.engine is not None:
+                pod.engine.serve(self.path, body, first_token=first)
+            else:
+                first()
+            self._chunk(event(piece("", "stop")) + b"data: [DONE]\n\n")
+            self._chunk(b"")
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path.startswith("/v1/models"):
                 self._reply(200, {"object": "list", "data": [{"id": pod.model, "object": "model", "owned_by": pod.pod_id}]})
             elif self.path.startswith("/health"):
                 self._reply(200, {"status": "ok"})
+            elif self.path.startswith("/metrics"):
+                text = pod.engine.metrics_text() if pod.engine is not None else (
+                    "vllm:num_requests_waiting 0.0\nvllm:num_requests_running 0.0\nvllm:kv_cache_usage_perc 0.0\n")
+                data = text.encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             else:
                 self._reply(404, {"error": {"message": "not found"}})
 
@@ -130,6 +170,9 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
             if pod.on_request is not None:
                 pod.on_request(self.path, body)
             if self.path.startswith(("/v1/completions", "/v1/chat/completions")):
+                if _wants_stream(body):
+                    self._stream(body)
+                    return
                 cached = pod.engine.serve(self.path, body) if pod.engine is not None else 0
                 self._reply(200, pod.completion(self.path, body),
                             {"x-body-sha256": hashlib.sha256(body).hexdigest(), "x-cached-tokens": str(cached)})
@@ -142,8 +185,16 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _wants_stream(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
 def run_simulated(pod_id: str, listen: str, *, kv_events: str = "", tokenizer: str = "", model: str = "",
-                  capacity_blocks: int = 4096) -> None:
+                  capacity_blocks: int = 4096, prefill_tokens_per_s: float = 0.0, decode_s: float = 0.0) -> None:
     """``kv-extproc simulate-pod``: one simulated vLLM pod, publishing KV events when asked."""
     import signal
 
@@ -156,7 +207,8 @@ def run_simulated(pod_id: str, listen: str, *, kv_events: str = "", tokenizer: s
     if kv_events:
         tok = load_tokenizer(tokenizer or bundled_tokenizer_dir())
         engine = SimulatedEngine(lambda path, body: tokenize_with(tok, parse(path, body)),
-                                 EngineCache(capacity_blocks=capacity_blocks), KVEventPublisher(kv_events))
+                                 EngineCache(capacity_blocks=capacity_blocks), KVEventPublisher(kv_events),
+                                 prefill_tokens_per_s=prefill_tokens_per_s, decode_s=decode_s)
     host, _, port = listen.rpartition(":")
     pod = SimulatedPod(pod_id, host, int(port), model=model or "fake-model", engine=engine).start()
     print(f"simulated pod {pod_id} on {pod.address}" + (f", KV events on {kv_events}" if kv_events else ""), flush=True)

@@ -55,6 +55,7 @@ def run(*, port: int = 8080, stay_up: bool = True) -> int:
                 lambda path, body: tokenize_with(tokenizer, parse(path, body)),
                 EngineCache(capacity_blocks=4096, block_size=16),
                 KVEventPublisher(f"tcp://{host}:*"),
+                prefill_tokens_per_s=20_000.0, decode_s=0.02,  # queues and /metrics like an engine's
             )
             pods.append(SimulatedPod(name, host, launcher.free_port(host), model=MODEL, engine=engine).start())
         extproc = launcher.start_extproc(

@@ -232,9 +232,10 @@ class LoadLoop:
 
 @contextlib.contextmanager
 def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300, hosts_from: int = 5,
-                mode: str = "envoy.yaml", **extra):
+                mode: str = "envoy.yaml", timing: dict | None = None, **extra):
     """Redis + three fake pods that keep a prefix cache and publish KV events + kv-extproc
-    ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy)."""
+    ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy).
+    ``timing``: SimulatedEngine timing (prefill_tokens_per_s, decode_s) for load-realistic pods."""
     from extproc.sim.engine import EngineCache, KVEventPublisher, SimulatedEngine
     from extproc.requests import parse
     from extproc.tokenization import tokenize_with
@@ -247,6 +248,7 @@ def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300
             lambda path, body: tokenize_with(tokenizer, parse(path, body)),
             EngineCache(capacity_blocks=capacity_blocks, block_size=16),
             KVEventPublisher(f"tcp://{host}:*"),
+            **(timing or {}),
         )
         pods[name] = SimulatedPod(name, host, launcher.free_port(host), model=MODEL, engine=engine).start()
     conf = extproc_config(server.url, pods, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": 16}, **extra)

@@ -126,7 +126,10 @@ def test_a_spoofed_routing_header_with_kv_extproc_down_does_not_pick_the_upstrea
 def test_one_of_two_replicas_killed_under_load_loses_no_request(workdir, pods, tokenizer, tokenizer_dir,
                                                                redis_server, index):
     store_tenant(index, tokenizer, "pod-a")
-    replicas = [launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir, shutdownDelay="1.5s"),
+    # The cache decides alone (the seed's scorer): these pods answer at once, so their load is
+    # noise, and what is judged is that the surviving replica still routes by the index.
+    replicas = [launcher.start_extproc(extproc_config(redis_server.url, pods, tokenizer_dir, shutdownDelay="1.5s",
+                                                      scoring={"scorers": [{"type": "prefix"}]}),
                                        workdir) for _ in range(2)]
     proxy = envoy_for("envoy.yaml", [r.listen for r in replicas], pods, workdir)
     try:

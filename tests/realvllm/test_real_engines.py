@@ -157,6 +157,46 @@ def test_a_reset_cache_reaches_the_index_and_traffic_spreads_again(engines, stac
     assert after == before + 1, "routed by load, no longer pinned to the engine that lost the prefix"
 
 
+def test_a_hot_tenant_under_concurrency_hits_the_cache_more_than_round_robin_and_loses_nothing(
+        engines, stack, index, tokenizer):
+    """Half the traffic is one tenant's; four clients at once. kv-extproc (default profile: time
+    to first token, reading each engine's /metrics) against round-robin on the same requests,
+    judged by vLLM's own prefix-cache counters."""
+    _, proc, proxy = stack
+    rng = random.Random(7)
+    tenants = [30 if rng.random() < 0.5 else rng.choice(range(31, 37)) for _ in range(32)]
+
+    def prompt(i: int) -> list[dict]:
+        return chat(tenants[(i - 1) % len(tenants)], f"hot {i}")
+
+    reset_all(engines, index, tokenizer, set(tenants))
+    h0, q0 = hits_and_queries(engines)
+    routed = LoadLoop(proxy.url, total=len(tenants), threads=4, seconds=240, extra={"max_tokens": 1},
+                      prompt=prompt).start().join()
+    h1, q1 = hits_and_queries(engines)
+    kv = (h1 - h0) / (q1 - q0)
+    reset_all(engines, index, tokenizer, set(tenants))
+    h1, q1 = hits_and_queries(engines)
+    order = list(engines.values())
+    turn = iter(range(10**6))
+
+    def direct(i: int) -> None:
+        with openai.OpenAI(base_url=f"{order[next(turn) % len(order)].url}/v1", api_key="unused",
+                           max_retries=0, timeout=120) as c:
+            c.chat.completions.create(model=MODEL, messages=prompt(i), max_tokens=1)
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(direct, range(1, len(tenants) + 1)))
+    h2, q2 = hits_and_queries(engines)
+    rr = (h2 - h1) / (q2 - q1)
+    served = {e.name: sum(1 for _, address in routed.chosen if address == e.address) for e in engines.values()}
+    print(f"\nreal vLLM hot tenant, 4 clients: hit rate kv-extproc {kv:.1%} ({served}), round-robin {rr:.1%}")
+    assert len(routed.results) == len(tenants) and routed.failures() == []
+    assert kv > rr
+    assert 'kv_extproc_pod_engine_requests_waiting{pod="engine-0"}' in proc.metrics(), "engine queues are read"
+
+
 def test_an_engine_killed_mid_traffic_loses_no_request_once_out_of_the_pool(engines, stack, index, tokenizer):
     _, proc, proxy = stack
     victim = list(engines.values())[-1]

@@ -93,6 +93,21 @@ async def test_miss_then_partial_then_full_hit(tokenizers, tokenizer):
     assert stats.memory_bytes > 0
 
 
+async def test_after_a_tokenizer_change_nothing_learnt_with_the_old_one_is_found(tokenizers, tokenizer):
+    """A reload that points a model at another tokenizer: text chunks, prompts and request bodies
+    were cut and counted by the old one, so the next request is tokenized afresh."""
+    import dataclasses
+    index, indexer = await subscribed(tokenizers)
+    request = dataclasses.replace(chat(1, "same body"), fingerprint=12345)
+    await indexer.get_pod_scores(request, PODS)
+    await tokenizers.settle()
+    assert (await indexer.get_pod_scores(request, PODS)).cache == "hit"
+    indexer.cache.store.forget_model(MODEL)
+    assert (await indexer.get_pod_scores(request, PODS)).cache == "miss"
+    await tokenizers.settle()
+    assert (await indexer.get_pod_scores(request, PODS)).cache == "hit", "and learnt again with the new one"
+
+
 async def test_a_newly_stored_block_shows_at_once_without_asking_the_index(tokenizers, tokenizer):
     index, indexer = await subscribed(tokenizers)
     request = chat(3, "q")

@@ -22,7 +22,8 @@ def choose(profile, pods, matched, total):
 
 @pytest.fixture()
 def profile():
-    return scoring.build(ScoringConfig())
+    """The seed's policy: the longest cached prefix wins, load breaks ties."""
+    return scoring.build(from_dict({"scoring": {"scorers": [{"type": "prefix"}]}}).scoring)
 
 
 def test_matched_prefix_counts_consecutive_blocks_from_the_first():
@@ -98,7 +99,7 @@ def test_a_scorer_is_a_class_plus_a_config_entry(monkeypatch):
             values = {pod.id: 1.0 if pod.id == min(q.id for q in pods) else 0.0 for pod in pods}
             return scoring.Scores(values, values)
 
-    monkeypatch.setitem(scoring.SCORERS, "alphabetical", Alphabetical)
+    monkeypatch.setitem(scoring.SCORERS, "alphabetical", lambda config: Alphabetical())
     config = from_dict({"scoring": {"scorers": [{"type": "prefix", "weight": 1}, {"type": "alphabetical", "weight": 2}]}})
     profile = scoring.build(config.scoring)
     d = choose(profile, pool("b", "a").all(), {"b": 4}, 4)
@@ -123,6 +124,11 @@ async def test_a_pod_removed_while_a_decision_is_in_flight_is_not_chosen():
     p = pool("a", "b")
 
     class SlowIndexer:
+        block_size = 16
+
+        def routed(self, *args):
+            pass
+
         async def get_pod_scores(self, request, pod_ids):
             await asyncio.sleep(0.05)
             return PrefixMatch({"b": 4}, 4)  # b holds the whole prompt...

@@ -1,0 +1,153 @@
+"""Engine load signals: what each pod's vLLM says about its queue, scraped from its /metrics.
+
+The engine's numbers see every replica's traffic but arrive a scrape late; this replica's own
+open requests (``Pod.in_flight``) are exact and at once, so a pod's load is ours now plus the
+others' share of the last reading (``pods.load_of``). A pod whose
+scrape failed or is older than ``load.staleAfter`` has no engine load (``Pod.engine`` is None):
+scorers treat it as unknown, not as idle.
+
+Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and
+``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` in older releases), summed over
+their label sets (one engine may report per model or per data-parallel rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .pods import Pod, PodPool
+
+log = logging.getLogger("extproc.load")
+
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+MAX_METRICS_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    waiting: float
+    running: float
+    kv_usage: float
+    """0..1"""
+    at: float
+    """Monotonic time of the scrape."""
+
+
+def parse_metrics(text: str, at: float) -> EngineLoad | None:
+    """The three numbers from a Prometheus text exposition; None if it has no queue metric."""
+    waiting = running = kv = 0.0
+    seen = False
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        if brace != -1 and (space == -1 or brace < space):
+            name, fields = line[:brace], line[line.rfind("}") + 1:].split()
+        else:
+            name, fields = line[:space], line[space + 1:].split()
+        try:
+            value = float(fields[0])
+        except (IndexError, ValueError):
+            continue
+        if name == WAITING:
+            waiting += value
+            seen = True
+        elif name == RUNNING:
+            running += value
+            seen = True
+        elif name in KV_USAGE:
+            kv = max(kv, value)
+    return EngineLoad(waiting, running, min(1.0, max(0.0, kv)), at) if seen else None
+
+
+async def fetch(address: str, path: str, timeout: float) -> str:
+    """One HTTP/1.1 GET; the body as text. Raises OSError/TimeoutError/ValueError on failure."""
+    host, _, port = address.rpartition(":")
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            status = (await reader.readline()).split()
+            if len(status) < 2 or not status[1].startswith(b"2"):
+                raise ValueError(f"status {status[1:2]}")
+            length = None
+            chunked = False
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                key, _, value = line.decode("latin-1").partition(":")
+                if key.lower() == "content-length":
+                    length = int(value)
+                elif key.lower() == "transfer-encoding" and "chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                parts = []
+                while True:
+                    size = int((await reader.readline()).split(b";")[0], 16)
+                    if size == 0:
+                        break
+                    parts.append(await reader.readexactly(size))
+                    await reader.readline()
+                body = b"".join(parts)
+            else:
+                body = await (reader.readexactly(length) if length is not None else reader.read(MAX_METRICS_BYTES))
+        return body.decode("utf-8", "replace")
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+@dataclass
+class LoadScraper:
+    """Scrapes every pod's /metrics every ``interval``, at most ``concurrency`` at once."""
+
+    pool: PodPool
+    path: str = "/metrics"
+    interval: float = 0.05
+    timeout: float = 0.5
+    stale_after: float = 2.0
+    concurrency: int = 16
+    metrics: object | None = None
+
+    async def run(self) -> None:
+        limit = asyncio.Semaphore(self.concurrency)
+        while True:
+            started = time.monotonic()
+            pods = self.pool.all()
+            await asyncio.gather(*(self._scrape(pod, limit) for pod in pods))
+            self.expire(pods, time.monotonic())
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def _scrape(self, pod: Pod, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                text = await fetch(pod.address, self.path, self.timeout)
+            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+                if self.metrics is not None:
+                    self.metrics.load_scrape_errors.labels(pod.id).inc()
+                log.debug("pod %s: /metrics not read: %s", pod.id, exc)
+                return
+        load = parse_metrics(text, time.monotonic())
+        if load is not None:
+            record(pod, load)
+
+    def expire(self, pods: Iterable[Pod], now: float) -> None:
+        """Forget engine numbers older than stale_after: unknown, not idle."""
+        for pod in pods:
+            if pod.engine is not None and now - pod.engine.at > self.stale_after:
+                pod.engine = None
+
+
+def record(pod: Pod, load: EngineLoad) -> None:
+    """A fresh engine reading, which counts this replica's requests open at that moment."""
+    pod.engine = load
+    pod.in_flight_at_scrape = pod.in_flight

@@ -1,0 +1,86 @@
+"""Speculative owners: a pod a request was just routed to will hold its blocks in a moment.
+
+The engine publishes a prompt's blocks only after computing them, so the requests decided
+in between would not see them, and a burst sharing a new prefix would each pay a cold
+prefill on a different pod. Each routing decision is remembered here for ``ttl`` seconds
+(until the engine's own events take over); lookups count the pod as holding those blocks.
+Bounded (LRU over blocks); every operation is O(blocks it names).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from ..index import Invalidation, PodTimes
+
+MAX_BLOCKS = 200_000
+
+
+class Speculation:
+    def __init__(self, ttl: float, max_blocks: int = MAX_BLOCKS, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.max_blocks = max_blocks
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, int], tuple[tuple[str, float], ...]] = OrderedDict()
+        """block -> ((pod, clock time it was routed there), ...)"""
+        self._cleared: dict[str, float] = {}
+        """pod -> when its engine last dropped everything: guesses made before are void."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def routed(self, model: str, keys: Sequence[int], pod: str) -> None:
+        if not self.ttl or not keys:
+            return
+        now = self.clock()
+        oldest = now - self.ttl
+        with self._lock:
+            for key in keys:
+                ref = (model, key)
+                old = self._entries.pop(ref, ())
+                self._entries[ref] = tuple(p for p in old if p[0] != pod and p[1] > oldest) + ((pod, now),)
+            while len(self._entries) > self.max_blocks:
+                self._entries.popitem(last=False)
+
+    def apply(self, message: Invalidation) -> None:
+        """The engines' own word replaces a guess: a stored block is in the index now, a removed
+        one is gone, and a cleared pod holds nothing it was guessed to hold before."""
+        if message.cleared:
+            self._cleared[message.pod] = self.clock()
+        if not self._entries:
+            return
+        with self._lock:
+            for ref in (*message.removed, *message.stored):
+                guessed = self._entries.get(ref)
+                if guessed and any(p == message.pod for p, _ in guessed):
+                    kept = tuple(p for p in guessed if p[0] != message.pod)
+                    if kept:
+                        self._entries[ref] = kept
+                    else:
+                        del self._entries[ref]
+
+    def overlay(self, model: str, keys: Sequence[int], hits: list[PodTimes | None], start: int = 0) -> None:
+        """Add the pods expected to hold each block to ``hits`` (in place, from ``start``). An
+        unknown entry (None) stays unknown: the index must still say who else holds it."""
+        if not self._entries:
+            return
+        oldest, wall = self.clock() - self.ttl, time.time()
+        entries, cleared = self._entries, self._cleared
+        for i in range(start, len(keys)):
+            guessed = entries.get((model, keys[i]))
+            if not guessed:
+                continue
+            live = [pod for pod, at in guessed if at > oldest and at > cleared.get(pod, oldest)]
+            if not live:
+                continue
+            holders = hits[i]
+            if holders is None:
+                continue
+            holders = dict(holders)
+            for pod in live:
+                holders.setdefault(pod, wall)
+            hits[i] = holders

@@ -1,0 +1,238 @@
+"""Load-aware scoring: engine readings, the time-to-first-token cost, the load scorers, the
+weighted-random picker and speculative owners."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import pytest
+
+from extproc import scoring
+from extproc.config import PodConfig, from_dict
+from extproc.index import Invalidation, Writes
+from extproc.index.memory import MemoryIndex
+from extproc.indexer import Indexer
+from extproc.load import EngineLoad, LoadScraper, parse_metrics, record
+from extproc.metrics import Metrics
+from extproc.pods import PodPool, load_of
+from extproc.prefixcache.speculation import Speculation
+from extproc.requests import RoutingRequest
+from extproc.routing import Router
+from extproc.scoring import Context
+from extproc.tokenization import TokenizerManager, tokenize_with
+
+REQUEST = RoutingRequest(model="m", kind="completion", prompt="x")
+VLLM_METRICS = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.42
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 123.0
+"""
+
+
+def pool(*ids):
+    return PodPool([PodConfig(id=i, address=f"10.0.0.{n + 1}:8000") for n, i in enumerate(ids)])
+
+
+def profile(**scoring_config):
+    return scoring.build(from_dict({"scoring": scoring_config}).scoring)
+
+
+def engine(pod, waiting=0.0, running=0.0, kv=0.0):
+    record(pod, EngineLoad(waiting, running, kv, time.monotonic()))
+
+
+def decide(prof, pods, matched, *, total_blocks=8, block=16, prompt_tokens=128):
+    return prof.decide(Context(REQUEST, matched, total_blocks, block, prompt_tokens), pods)
+
+
+def test_vllm_metrics_are_summed_over_engines():
+    load = parse_metrics(VLLM_METRICS, 5.0)
+    assert (load.waiting, load.running, load.kv_usage, load.at) == (4.0, 2.0, 0.42, 5.0)
+    assert parse_metrics("# nothing of vLLM\nfoo 1\n", 1.0) is None
+
+
+def test_the_default_profile_is_the_time_to_first_token_scorer():
+    assert [type(s).__name__ for s, _ in profile().scorers] == ["TtftScorer"]
+
+
+def test_an_idle_fleet_goes_to_the_pod_holding_the_prefix():
+    p = pool("a", "b", "c")
+    for pod in p.all():
+        engine(pod)
+    d = decide(profile(), p.all(), {"b": 8, "c": 2})
+    assert d.pod.id == "b" and d.by_cache
+    assert d.raw["ttft"] == {"a": 128.0, "b": 0.0, "c": 96.0}
+
+
+def test_a_busy_cache_holder_loses_to_a_pod_that_starts_sooner():
+    p = pool("a", "b")
+    engine(p.get("a"), waiting=3, running=1)  # four requests ahead: 4 x 1536 token-equivalents
+    engine(p.get("b"))
+    assert decide(profile(), p.all(), {"a": 8}).pod.id == "b"
+    engine(p.get("a"), waiting=0, running=0)
+    assert decide(profile(), p.all(), {"a": 8}).pod.id == "a"
+
+
+def test_load_is_our_open_requests_now_plus_the_other_replicas_share_of_the_reading():
+    p = pool("a", "b")
+    a = p.get("a")
+    a.in_flight = 1
+    engine(a, waiting=2, running=2)  # four at the engine, one of them ours: three are others'
+    assert load_of(a) == 4
+    a.in_flight = 0  # ours ended since
+    assert load_of(a) == 3
+    engine(a)
+    a.in_flight = 5  # sent since the reading, not yet counted by the engine
+    assert load_of(a) == 5
+
+
+def test_the_busier_the_fleet_the_more_a_cached_prefix_is_worth():
+    """Recomputed tokens delay whoever queues behind them: they weigh 1 + the mean queue."""
+    p = pool("a", "b")
+    engine(p.get("a"), waiting=1)  # holds the whole prompt, one request ahead
+    engine(p.get("b"))  # holds nothing, idle
+    d = decide(profile(queuedRequestTokens=150), p.all(), {"a": 8})
+    assert d.raw["ttft"] == {"a": 150.0, "b": 1.5 * 128}
+    assert d.pod.id == "a", "150 < 1.5 x 128, though b alone would start its 128 tokens sooner"
+
+
+def test_requests_sent_since_the_last_reading_count_as_queued():
+    p = pool("a", "b")
+    engine(p.get("a"))
+    engine(p.get("b"))
+    p.get("a").in_flight = 2
+    assert load_of(p.get("a")) == 2
+    # Mean load 1, so b's 128 uncached tokens weigh 2 x 128 = 256 prompt-token equivalents.
+    assert decide(profile(queuedRequestTokens=200), p.all(), {"a": 8}).pod.id == "b", "2 x 200 > 256"
+    assert decide(profile(queuedRequestTokens=10), p.all(), {"a": 8}).pod.id == "a"
+
+
+def test_a_pod_without_a_fresh_reading_is_taken_as_average_not_idle():
+    p = pool("a", "b", "c")
+    engine(p.get("a"), waiting=10)
+    engine(p.get("b"), waiting=0)
+    costs = decide(profile(), p.all(), {}).raw["ttft"]
+    assert costs["c"] == pytest.approx((costs["a"] + costs["b"]) / 2)
+
+
+def test_readings_older_than_stale_after_are_forgotten():
+    p = pool("a")
+    record(p.get("a"), EngineLoad(1, 1, 0.5, time.monotonic() - 10))
+    LoadScraper(p, stale_after=2.0).expire(p.all(), time.monotonic())
+    assert p.get("a").engine is None
+
+
+def test_queue_kv_and_in_flight_scorers_follow_their_formulas():
+    p = pool("a", "b", "c")
+    engine(p.get("a"), waiting=4, kv=0.9)
+    engine(p.get("b"), waiting=2, kv=0.5)
+    engine(p.get("c"), waiting=0, kv=0.1)
+    p.get("a").in_flight, p.get("b").in_flight = 4, 1
+    d = decide(profile(scorers=[{"type": "queue", "weight": 2}, {"type": "kvCacheUtilization", "weight": 2},
+                                {"type": "inFlight", "weight": 1}, {"type": "prefix", "weight": 3}]),
+               p.all(), {"a": 8})
+    assert d.raw["queue"] == {"a": 4, "b": 2, "c": 0}
+    assert d.raw["kvCacheUtilization"] == {"a": 0.9, "b": 0.5, "c": 0.1}
+    # a: 2*0 + 2*0.1 + 1*0 + 3*1 = 3.2; c: 2*1 + 2*0.9 + 1*1 + 0 = 4.8
+    assert d.pod.id == "c"
+
+
+def test_weighted_random_shares_near_equal_pods_in_proportion():
+    p = pool("a", "b")
+    picker = scoring.WeightedRandomPicker(seed=3)
+    counts = collections.Counter(picker.pick(p.all(), {"a": 3.0, "b": 1.0}).id for _ in range(4000))
+    assert 0.7 < counts["a"] / 4000 < 0.8
+    assert picker.pick(p.all(), {"a": 0.0, "b": 1.0}).id == "b"
+
+
+def test_speculation_counts_a_routed_pod_as_holder_until_its_ttl_ends():
+    spec = Speculation(ttl=0.2)
+    spec.routed("m", [1, 2, 3], "pod-a")
+    hits = [{}, {"pod-b": 1.0}, None]
+    spec.overlay("m", [1, 2, 3], hits)
+    assert list(hits[0]) == ["pod-a"] and set(hits[1]) == {"pod-a", "pod-b"}
+    assert hits[2] is None, "an unknown block stays unknown: the index must still answer for it"
+    time.sleep(0.25)
+    hits = [{}, {}, {}]
+    spec.overlay("m", [1, 2, 3], hits)
+    assert hits == [{}, {}, {}]
+    bounded = Speculation(ttl=5, max_blocks=10)
+    bounded.routed("m", list(range(50)), "pod-a")
+    assert len(bounded) == 10
+
+
+def test_speculation_gives_way_to_the_engines_own_events():
+    now = [100.0]
+    spec = Speculation(ttl=2.0, clock=lambda: now[0])
+    spec.routed("m", [1, 2, 3], "pod-a")
+    spec.routed("m", [1], "pod-b")
+    spec.apply(Invalidation("pod-a", stored=[("m", 1)], removed=[("m", 2)]))  # confirmed; evicted already
+    hits = [{}, {}, {}]
+    spec.overlay("m", [1, 2, 3], hits)
+    assert hits == [{"pod-b": hits[0]["pod-b"]}, {}, {"pod-a": hits[2]["pod-a"]}]
+    now[0] += 0.5
+    spec.apply(Invalidation("pod-a", cleared=True))  # AllBlocksCleared: nothing guessed before holds
+    hits = [{}, {}, {}]
+    spec.overlay("m", [1, 2, 3], hits)
+    assert hits == [{"pod-b": hits[0]["pod-b"]}, {}, {}]
+    now[0] += 0.5
+    spec.routed("m", [3], "pod-a")  # routed again after the clear: a fresh guess
+    hits = [{}, {}, {}]
+    spec.overlay("m", [1, 2, 3], hits)
+    assert set(hits[2]) == {"pod-a"}
+
+
+async def test_a_burst_with_a_new_prefix_stays_together_until_load_spreads_it(tokenizer_dir, tokenizer):
+    """Before any KV event arrives, requests sharing a new prefix follow the first one; once the
+    pod they pile on is busy (its engine says so), the rest go where they start sooner."""
+    tokenizers = TokenizerManager({"m": tokenizer_dir})
+    p = pool("a", "b", "c", "d")
+    for pod in p.all():
+        engine(pod)
+    indexer = Indexer(tokenizers, MemoryIndex(), block_size=16, max_blocks=64, scheme="chained",
+                      speculation=Speculation(2.0))
+    router = Router(p, indexer, profile(queuedRequestTokens=256), Metrics(), decision_timeout=10)
+    shared = "A new shared context that nobody has cached yet. " * 30
+    try:
+        first = [(await router.route(RoutingRequest(model="m", kind="completion", prompt=shared + f"q{i}"))).pod.id
+                 for i in range(3)]
+        assert len(set(first)) == 1, "the burst follows its first request"
+        hot = p.get(first[0])
+        engine(hot, waiting=6, running=1)
+        later = (await router.route(RoutingRequest(model="m", kind="completion", prompt=shared + "q9"))).pod.id
+        assert later != hot.id, "a queue of 7 costs more than recomputing the prefix"
+    finally:
+        tokenizers.close()
+
+
+async def test_the_scraper_reads_every_pods_metrics_endpoint():
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        body = VLLM_METRICS.encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = PodPool([PodConfig(id="a", address=f"127.0.0.1:{port}"), PodConfig(id="down", address="127.0.0.1:1")])
+    metrics = Metrics()
+    p.get("a").in_flight = 5
+    task = asyncio.ensure_future(LoadScraper(p, interval=0.02, timeout=0.5, metrics=metrics).run())
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if p.get("a").engine is not None:
+                break
+    finally:
+        task.cancel()
+        server.close()
+    assert (p.get("a").engine.waiting, p.get("a").engine.running) == (4.0, 2.0)
+    assert p.get("a").in_flight_at_scrape == 5, "the reading counts the requests we had open then"
+    assert p.get("down").engine is None
+    assert metrics.load_scrape_errors.labels("down")._value.get() >= 1
