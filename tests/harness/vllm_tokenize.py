@@ -32,7 +32,7 @@ MAX_MODEL_LEN = 32768
 
 class TokenizeServer:
     def __init__(self, tokenizer, model: str, host: str = "127.0.0.1", *, keepalive_timeout: float = 5.0,
-                 name: str = "engine"):
+                 name: str = "engine", port: int = 0):
         self.tokenizer = tokenizer
         self.model = model
         self.name = name
@@ -113,7 +113,7 @@ class TokenizeServer:
                     self.end_headers()
                     self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.address = f"{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -165,3 +165,24 @@ class TokenizeServer:
 
 def _error(message: str, kind: str, code: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def main() -> None:
+    """``python -m tests.harness.vllm_tokenize --port N [--model M]``: serve until killed (the bench
+    uses it where no real vLLM engine is installed)."""
+    import argparse
+
+    from extproc.sim.launcher import bundled_tokenizer_dir
+    from extproc.tokenization import load_tokenizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    args = parser.parse_args()
+    server = TokenizeServer(load_tokenizer(bundled_tokenizer_dir()), args.model, args.host, port=args.port)
+    server.httpd.serve_forever(poll_interval=0.05)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from extproc.remotetok import RemoteTokenizer, RemoteTokenizerMetrics, RemoteTok
 from extproc.requests import RoutingRequest, parse
 from extproc.routing import Router
 from extproc.sim import launcher
-from extproc.tokenization import TokenizerManager, tokenize_with
+from extproc.tokenization import TokenizerManager, TokenizerUnavailable, tokenize_with
 from tests.harness.vllm_tokenize import TokenizeServer
 
 MODEL = "Qwen/Qwen3-0.6B"
@@ -369,3 +369,15 @@ def test_config_takes_tokenizer_remote_and_bounds_the_remote_timeout_by_the_deci
 def test_the_tokenize_body_resolves_the_generation_flags_as_vllm_accepts_them():
     body = tokenize_body(chat("x", continue_final_message=True))
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+
+
+def test_a_reload_can_turn_a_model_remote_and_back():
+    tokenizers = TokenizerManager({MODEL: "/models/qwen"})
+    assert not tokenizers.use_remote(MODEL, fallback=False)
+    tokenizers.set_sources({MODEL: "remote"})
+    assert tokenizers.use_remote(MODEL, fallback=False)
+    with pytest.raises(TokenizerUnavailable, match="tokenized by its engines"):
+        asyncio.run(tokenizers.get(MODEL))
+    tokenizers.set_sources({MODEL: "/models/qwen"})
+    assert not tokenizers.use_remote(MODEL, fallback=False)
+    tokenizers.close()
