@@ -179,7 +179,6 @@ class RemoteTokenizer:
         self.path = path
         self._states: dict[str, _PodState] = {}
         self._turn = 0
-        self._last_warning: dict[str, float] = {}
 
     # -- choosing a pod ------------------------------------------------------------------
 
