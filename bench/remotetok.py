@@ -17,6 +17,7 @@ fell back to load.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -113,6 +114,31 @@ class Prefills:
             thread.join(timeout=60)
 
 
+class GcPauses:
+    """This process's garbage-collector pauses (start, end), to tell a slow decision of ours from one
+    that waited on the collector."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float]] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((self._started, time.perf_counter()))
+
+    def within(self, start: float, end: float) -> float:
+        return sum(min(b, end) - max(a, start) for a, b in self.pauses if b > start and a < end)
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 async def _timed(router: Router, req: RoutingRequest) -> float:
     t0 = time.perf_counter()
     await router.route(req)
@@ -181,17 +207,29 @@ async def run_async() -> dict:
         # Busy engine: shipped budgets, 4k-token misses while the engine runs long prefills.
         system = text_of_tokens(tokenizer, 4000, seed=4000)
         busy = router(remote_tokenizers, decision_timeout=0.3)
-        decisions = []
-        with Prefills(address, tokenizer) as load:
+        decisions, spans = [], []
+        with Prefills(address, tokenizer) as load, GcPauses() as collector:
             for i in range(BUSY_ROUNDS):
+                started = time.perf_counter()
                 decisions.append(await _timed(busy, request(f"Busy {i}. " + system, "new")))
-        fell_back = busy.metrics.fallbacks.labels("remote_tokenizer")._value.get()
+                spans.append((started, started + decisions[-1]))
+        slowest = max(range(BUSY_ROUNDS), key=decisions.__getitem__)
+        fell_back = {reason: busy.metrics.fallbacks.labels(reason)._value.get()
+                     for reason in ("remote_tokenizer", "timeout", "index", "error")}
         busy_row = {"prompt_tokens": rows[1]["prompt_tokens"], **{f"remote_miss_{k}": v for k, v in
                                                                   summary(decisions).items() if k != "n"},
-                    "decisions": BUSY_ROUNDS, "fell_back_remote_tokenizer": fell_back, "prefills_done": load.sent}
+                    "remote_miss_max_us": max(decisions) * 1e6, "decisions": BUSY_ROUNDS,
+                    "fell_back": {reason: n for reason, n in fell_back.items() if n},
+                    "tokenized": sum(busy.metrics.requests.labels(o)._value.get() for o in ("cache", "load")),
+                    "prefills_done": load.sent, "slowest_gc_pause_us": collector.within(*spans[slowest]) * 1e6,
+                    "gc_pause_max_us": max((b - a for a, b in collector.pauses), default=0.0) * 1e6}
         print(f"remotetok busy engine (2 prefills of ~3k tokens at a time): 4k remote miss p50 "
-              f"{busy_row['remote_miss_p50_us'] / 1000:.1f} ms p99 {busy_row['remote_miss_p99_us'] / 1000:.1f} ms; "
-              f"{fell_back:.0f} of {BUSY_ROUNDS} decisions fell back to load (remote_tokenizer)")
+              f"{busy_row['remote_miss_p50_us'] / 1000:.1f} ms, max {busy_row['remote_miss_max_us'] / 1000:.1f} ms; "
+              f"{busy_row['tokenized']:.0f} of {BUSY_ROUNDS} decisions with the engine's tokens, fell back to load: "
+              + (", ".join(f"{n:.0f} {reason}" for reason, n in busy_row["fell_back"].items()) or "none")
+              + f"; {load.sent} prefills done meanwhile; the slowest decision spent "
+              f"{busy_row['slowest_gc_pause_us'] / 1000:.1f} ms in this process's garbage collector "
+              f"(longest pause {busy_row['gc_pause_max_us'] / 1000:.1f} ms)")
     finally:
         await client.close()
         local_tokenizers.close()
