@@ -17,6 +17,7 @@ fell back to load.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -139,6 +140,32 @@ class GcPauses:
         gc.callbacks.remove(self._callback)
 
 
+class LoopStalls:
+    """How late this event loop wakes a 5 ms sleeper: a stall means the process (or its loop) did not
+    run, so no timeout inside it could fire on time."""
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float]] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            self.stalls.append((started, time.perf_counter() - started - 0.005))
+
+    def longest(self, start: float, end: float) -> float:
+        return max((late for at, late in self.stalls if at < end and at + 0.005 + late > start), default=0.0)
+
+    async def __aenter__(self) -> "LoopStalls":
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 async def _timed(router: Router, req: RoutingRequest) -> float:
     t0 = time.perf_counter()
     await router.route(req)
@@ -209,10 +236,11 @@ async def run_async() -> dict:
         busy = router(remote_tokenizers, decision_timeout=0.3)
         decisions, spans = [], []
         with Prefills(address, tokenizer) as load, GcPauses() as collector:
-            for i in range(BUSY_ROUNDS):
-                started = time.perf_counter()
-                decisions.append(await _timed(busy, request(f"Busy {i}. " + system, "new")))
-                spans.append((started, started + decisions[-1]))
+            async with LoopStalls() as stalls:
+                for i in range(BUSY_ROUNDS):
+                    started = time.perf_counter()
+                    decisions.append(await _timed(busy, request(f"Busy {i}. " + system, "new")))
+                    spans.append((started, started + decisions[-1]))
         slowest = max(range(BUSY_ROUNDS), key=decisions.__getitem__)
         fell_back = {reason: busy.metrics.fallbacks.labels(reason)._value.get()
                      for reason in ("remote_tokenizer", "timeout", "index", "error")}
@@ -222,14 +250,18 @@ async def run_async() -> dict:
                     "fell_back": {reason: n for reason, n in fell_back.items() if n},
                     "tokenized": sum(busy.metrics.requests.labels(o)._value.get() for o in ("cache", "load")),
                     "prefills_done": load.sent, "slowest_gc_pause_us": collector.within(*spans[slowest]) * 1e6,
-                    "gc_pause_max_us": max((b - a for a, b in collector.pauses), default=0.0) * 1e6}
+                    "gc_pause_max_us": max((b - a for a, b in collector.pauses), default=0.0) * 1e6,
+                    "slowest_loop_stall_us": stalls.longest(*spans[slowest]) * 1e6,
+                    "loop_stall_max_us": stalls.longest(0.0, float("inf")) * 1e6}
         print(f"remotetok busy engine (2 prefills of ~3k tokens at a time): 4k remote miss p50 "
               f"{busy_row['remote_miss_p50_us'] / 1000:.1f} ms, max {busy_row['remote_miss_max_us'] / 1000:.1f} ms; "
               f"{busy_row['tokenized']:.0f} of {BUSY_ROUNDS} decisions with the engine's tokens, fell back to load: "
               + (", ".join(f"{n:.0f} {reason}" for reason, n in busy_row["fell_back"].items()) or "none")
               + f"; {load.sent} prefills done meanwhile; the slowest decision spent "
               f"{busy_row['slowest_gc_pause_us'] / 1000:.1f} ms in this process's garbage collector "
-              f"(longest pause {busy_row['gc_pause_max_us'] / 1000:.1f} ms)")
+              f"(longest pause {busy_row['gc_pause_max_us'] / 1000:.1f} ms), its event loop's longest stall was "
+              f"{busy_row['slowest_loop_stall_us'] / 1000:.1f} ms (in the whole phase "
+              f"{busy_row['loop_stall_max_us'] / 1000:.1f} ms)")
     finally:
         await client.close()
         local_tokenizers.close()
