@@ -429,9 +429,13 @@ class Config(_Section):
         _positive("blockSizeToHash", self.block_size_to_hash)
         _positive("maxBlocksToMatch", self.max_blocks_to_match)
         _positive("decisionTimeout", self.decision_timeout)
-        if self.tokenization.remote.timeout >= self.decision_timeout:
+        # Only where remote tokenization is in use: a config that never asks an engine keeps any
+        # decisionTimeout (one below the default remote timeout included).
+        remote_used = self.tokenization.remote_fallback or any(m.remote for m in self.models)
+        if remote_used and self.tokenization.remote.timeout >= self.decision_timeout:
             raise ValueError(f"tokenization.remote.timeout ({self.tokenization.remote.timeout * 1000:g}ms) must be "
-                             f"below decisionTimeout ({self.decision_timeout * 1000:g}ms)")
+                             f"below decisionTimeout ({self.decision_timeout * 1000:g}ms) when a model is tokenized "
+                             f"remotely (tokenizer: remote or tokenization.remoteFallback)")
         _positive("cacheCleanupInterval", self.cache_cleanup_interval)
         if self.reload_interval < 0:
             raise ValueError("reloadInterval must not be negative")

@@ -6,11 +6,16 @@ choice of pod, the whole-request cache and the routing fallback, each observed o
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from extproc import config as config_mod
 from extproc import scoring
+from extproc.__main__ import ConfigWatcher
 from extproc.config import ConfigError, PodConfig, PrefixStoreConfig, ScoringConfig, from_dict
 from extproc.index import Writes
 from extproc.index.memory import MemoryIndex
@@ -360,8 +365,13 @@ def test_config_takes_tokenizer_remote_and_bounds_the_remote_timeout_by_the_deci
                         "tokenization": {"remoteFallback": True, "remote": {"timeout": "80ms", "maxInFlightPerPod": 2}}})
     assert [m.remote for m in config.models] == [True, False]
     assert config.tokenization.remote_fallback and config.tokenization.remote.max_in_flight_per_pod == 2
+    remote_model = [{"name": MODEL, "tokenizer": "remote"}]
     with pytest.raises(ConfigError, match=r"tokenization.remote.timeout \(300ms\) must be below decisionTimeout \(300ms\)"):
-        from_dict({"tokenization": {"remote": {"timeout": "300ms"}}})
+        from_dict({"models": remote_model, "tokenization": {"remote": {"timeout": "300ms"}}})
+    with pytest.raises(ConfigError, match=r"remote.timeout \(150ms\) must be below decisionTimeout \(100ms\)"):
+        from_dict({"decisionTimeout": "100ms", "tokenization": {"remoteFallback": True}})
+    # No model asks an engine: a decisionTimeout below the default remote timeout stays valid.
+    assert from_dict({"decisionTimeout": "100ms", "models": [{"name": MODEL, "tokenizer": "/t"}]}).decision_timeout == 0.1
     with pytest.raises(ConfigError, match=r"breakerFailures must be greater than 0.*\$.tokenization.remote"):
         from_dict({"tokenization": {"remote": {"breakerFailures": 0}}})
 
@@ -381,3 +391,34 @@ def test_a_reload_can_turn_a_model_remote_and_back():
     tokenizers.set_sources({MODEL: "/models/qwen"})
     assert not tokenizers.use_remote(MODEL, fallback=False)
     tokenizers.close()
+
+
+async def test_a_reload_that_makes_a_model_remote_must_fit_the_running_remote_timeout(tmp_path, caplog):
+    path = tmp_path / "kv.json"
+    base = {"pods": [{"id": "pod-a", "address": "10.0.0.1:8000"}], "decisionTimeout": "100ms",
+            "models": [{"name": MODEL, "tokenizer": "/t"}]}
+
+    def write(**changes) -> None:
+        path.write_text(json.dumps({**base, **changes}))
+
+    write()
+    process = SimpleNamespace(config=config_mod.load(path), applied=[])
+
+    async def apply(new) -> None:
+        process.applied.append(new)
+        process.config = new
+
+    watcher = ConfigWatcher(str(path), SimpleNamespace(reload=asyncio.Event()), lambda: process.config, apply)
+    remote_model = [{"name": MODEL, "tokenizer": "remote"}]
+    with caplog.at_level(logging.ERROR):
+        write(models=remote_model)  # the default remote timeout (150 ms) does not fit 100 ms
+        await watcher.reload()
+        # remote.timeout needs a restart: the running 150 ms stays, so 50 ms in the file does not help.
+        write(models=remote_model, tokenization={"remote": {"timeout": "50ms"}})
+        await watcher.reload()
+    assert process.applied == [] and not process.config.models[0].remote
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("must be below decisionTimeout (100ms)" in e for e in errors)
+    write(models=remote_model, decisionTimeout="300ms")  # a budget the running remote timeout fits
+    await watcher.reload()
+    assert process.config.models[0].remote and process.config.decision_timeout == 0.3
