@@ -15,7 +15,7 @@ import pytest
 
 from extproc import config as config_mod
 from extproc import scoring
-from extproc.__main__ import ConfigWatcher
+from extproc.__main__ import ConfigWatcher, _awaited_tokenizers
 from extproc.config import ConfigError, PodConfig, PrefixStoreConfig, ScoringConfig, from_dict
 from extproc.index import Writes
 from extproc.index.memory import MemoryIndex
@@ -422,3 +422,9 @@ async def test_a_reload_that_makes_a_model_remote_must_fit_the_running_remote_ti
     write(models=remote_model, decisionTimeout="300ms")  # a budget the running remote timeout fits
     await watcher.reload()
     assert process.config.models[0].remote and process.config.decision_timeout == 0.3
+
+
+def test_readiness_waits_for_no_remote_tokenizer_and_with_remote_fallback_for_none():
+    models = [{"name": "remote-model", "tokenizer": "remote"}, {"name": "local-model", "tokenizer": "/t"}]
+    assert _awaited_tokenizers(from_dict({"models": models})) == ["local-model"]
+    assert _awaited_tokenizers(from_dict({"models": models, "tokenization": {"remoteFallback": True}})) == []
