@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .podhealth import PodHealthChecker
 from .pods import PodPool
 from .prefixcache import PrefixCache
+from .remotetok import RemoteTokenizer, RemoteTokenizerMetrics
 from .routing import Router
 from .server import ExtProcService
 from .supervise import Supervisor
@@ -52,6 +53,22 @@ def build_cache(config: Config) -> PrefixCache | None:
 
 def _tokenizer_sources(config: Config) -> dict[str, str]:
     return {m.name: m.tokenizer_source for m in config.models}
+
+
+def _awaited_tokenizers(config: Config) -> list[str]:
+    """Models whose local tokenizer readiness waits for: none for ``tokenizer: remote``, and none
+    with remoteFallback (their engines tokenize while the local one loads)."""
+    if config.tokenization.remote_fallback:
+        return []
+    return [m.name for m in config.models if not m.remote]
+
+
+def build_remote_tokenizer(config: Config, pool: PodPool, metrics: Metrics) -> RemoteTokenizer:
+    remote = config.tokenization.remote
+    return RemoteTokenizer(pool, timeout=remote.timeout, max_in_flight_per_pod=remote.max_in_flight_per_pod,
+                           attempts=remote.attempts, breaker_failures=remote.breaker_failures,
+                           breaker_open_for=remote.breaker_open_for, fallback=config.tokenization.remote_fallback,
+                           metrics=RemoteTokenizerMetrics.on(metrics.registry))
 
 
 def _listen(server: grpc.aio.Server, config: Config) -> None:
@@ -142,7 +159,7 @@ class Served:
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             logs.setup(new.log_level, new.log_format)
         for model in new.models:
-            if not self.tokenizers.loaded(model.name):
+            if not model.remote and not self.tokenizers.loaded(model.name):
                 self.supervisor.spawn(f"preload {model.name}", partial(_preload, self.tokenizers, model.name),
                                       kind="preload")
         log.info("config reloaded: %d pods, %d models", len(self.pool), len(new.models))
@@ -169,6 +186,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
     await index.check_credentials()
     pool = PodPool(config.pods, [m.name for m in config.models])
     cache = build_cache(config)
+    remote_tokenizer = build_remote_tokenizer(config, pool, metrics)
     indexer = Indexer(
         tokenizers,
         index,
@@ -179,6 +197,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         cache=cache,
         max_prompt_tokens=config.limits.max_prompt_tokens,
         speculation=Speculation(config.scoring.speculative_ttl),  # ttl 0: off, and a reload may turn it on
+        remote=remote_tokenizer,
     )
     router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
                     log_prompts=config.log_prompts)
@@ -243,9 +262,13 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         config.index.backend, len(pool), len(config.models), config.metrics_listen,
     )
     supervisor.spawn("readiness", lambda: readiness.become_ready(
-        tokenizers, [m.name for m in config.models], index, require_index=served.config.health.require_index,
+        tokenizers, _awaited_tokenizers(config), index, require_index=served.config.health.require_index,
         interval=served.config.health.check_interval, supervisor=supervisor,
         synced=membership.synced if membership else None))
+    if config.tokenization.remote_fallback:
+        for model in config.models:
+            if not model.remote:
+                supervisor.spawn(f"preload {model.name}", partial(_preload, tokenizers, model.name), kind="preload")
     if config_path is not None:
         watcher = ConfigWatcher(config_path, signals, lambda: served.config, served.apply)
         supervisor.spawn("reload", watcher.run)
@@ -264,6 +287,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         await supervisor.stop_all()
         metrics_server.shutdown()
         await index.close()
+        await remote_tokenizer.close()
         tokenizers.close()
 
 

@@ -85,14 +85,23 @@ class IndexConfig(_Section):
             raise ValueError(f"redisUrl must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
 
 
+REMOTE_TOKENIZER = "remote"
+"""``tokenizer: remote``: the model's engines tokenize its prompts (vLLM's /tokenize)."""
+
+
 class ModelConfig(_Section):
     name: str
     tokenizer: str = ""
-    """A local directory or hub id; empty means the model name itself is the hub id."""
+    """A local directory or hub id; empty means the model name itself is the hub id; "remote"
+    asks the model's engines (a local directory named remote: write ./remote)."""
 
     @property
     def tokenizer_source(self) -> str:
         return self.tokenizer or self.name
+
+    @property
+    def remote(self) -> bool:
+        return self.tokenizer == REMOTE_TOKENIZER
 
 
 class PodConfig(_Section):
@@ -136,6 +145,30 @@ class IngestConfig(_Section):
             raise ValueError("podSilenceTimeout must not be negative")
 
 
+class RemoteTokenizationConfig(_Section):
+    """Calls to the engines' /tokenize, for models with ``tokenizer: remote`` (or remoteFallback)."""
+
+    timeout: Duration = Duration(0.15)
+    """The whole call, a retry on a second pod included; must be below decisionTimeout, which
+    also has to cover the index lookup after it."""
+    max_in_flight_per_pod: int = 4
+    """Calls to one pod at once; a pod at the bound is skipped (with every pod at it, the request
+    goes by load at once rather than queue)."""
+    attempts: int = 2
+    """Pods tried per call after a connection error or 5xx (a timeout ends the call)."""
+    breaker_failures: int = 3
+    """Failures in a row (timeouts, connection errors, 5xx) that open a pod's circuit breaker."""
+    breaker_open_for: Duration = Duration(5.0)
+    """No calls to a pod whose breaker opened, for this long; then one trial call decides."""
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
+        _positive("maxInFlightPerPod", self.max_in_flight_per_pod)
+        _positive("attempts", self.attempts)
+        _positive("breakerFailures", self.breaker_failures)
+        _positive("breakerOpenFor", self.breaker_open_for)
+
+
 class TokenizationConfig(_Section):
     workers: int = 2
     """Threads that encode prompts, so tokenizing never blocks the event loop."""
@@ -143,6 +176,10 @@ class TokenizationConfig(_Section):
     """Encodes waiting for a worker beyond this fall back to load-based routing."""
     max_loaded: int = 8
     """Tokenizers kept in memory at once (least recently used is dropped)."""
+    remote_fallback: bool = False
+    """Models whose local tokenizer is missing, still loading or failed to load are tokenized by
+    their engines meanwhile (else routed by load, reason tokenizer)."""
+    remote: RemoteTokenizationConfig = RemoteTokenizationConfig()
 
     def __post_init__(self) -> None:
         _positive("workers", self.workers)
@@ -420,6 +457,13 @@ class Config(_Section):
         _positive("blockSizeToHash", self.block_size_to_hash)
         _positive("maxBlocksToMatch", self.max_blocks_to_match)
         _positive("decisionTimeout", self.decision_timeout)
+        # Only where remote tokenization is in use: a config that never asks an engine keeps any
+        # decisionTimeout (one below the default remote timeout included).
+        remote_used = self.tokenization.remote_fallback or any(m.remote for m in self.models)
+        if remote_used and self.tokenization.remote.timeout >= self.decision_timeout:
+            raise ValueError(f"tokenization.remote.timeout ({self.tokenization.remote.timeout * 1000:g}ms) must be "
+                             f"below decisionTimeout ({self.decision_timeout * 1000:g}ms) when a model is tokenized "
+                             f"remotely (tokenizer: remote or tokenization.remoteFallback)")
         _positive("cacheCleanupInterval", self.cache_cleanup_interval)
         if self.reload_interval < 0:
             raise ValueError("reloadInterval must not be negative")

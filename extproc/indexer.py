@@ -25,6 +25,7 @@ from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTim
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.speculation import Speculation
 from .prefixcache.store import INLINE_CHARS
+from .remotetok import RemoteTokenizer, encode_body, prompt_key
 from .requests import RoutingRequest
 from .tokenization import PromptRenderError, TokenizerManager, prompt_text
 
@@ -97,6 +98,8 @@ class Indexer:
     cache: PrefixCache | None = None
     max_prompt_tokens: int = 1 << 30
     speculation: Speculation | None = None
+    remote: RemoteTokenizer | None = None
+    """Engines' /tokenize, for ``tokenizer: remote`` models (and remoteFallback)."""
     _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
 
     def keys(self, tokens: Sequence[int], parent: int | None = None, max_blocks: int | None = None) -> list[int]:
@@ -108,6 +111,9 @@ class Indexer:
             raise PromptTooLong(f"prompt of about {tokens} tokens is over maxPromptTokens ({self.max_prompt_tokens})")
 
     async def get_pod_scores(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
+        if (request.token_ids is None and self.remote is not None
+                and self.tokenizers.use_remote(request.model, fallback=self.remote.fallback)):
+            return await self._remote_pod_scores(request, pod_ids)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         fill: Callable[[], None] | None = None
@@ -159,6 +165,42 @@ class Indexer:
         """The request went to ``pod``, which held its first ``held`` blocks: it will hold the rest soon."""
         if self.speculation is not None:
             self.speculation.routed(model, keys[held:], pod)
+
+    async def _remote_pod_scores(self, request: RoutingRequest, pod_ids: Sequence[str]) -> PrefixMatch:
+        """The remote path: no local tokenizer or template, so the whole request is the cache key
+        (the exact /tokenize body: model, messages, tools, template flags and kwargs, or the
+        prompt) -> block keys; only a request not seen before costs a call to an engine."""
+        assert self.remote is not None
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        body = encode_body(request)
+        store = self.cache.store if self.cache is not None else None
+        key = prompt_key(body) if store is not None else 0
+        known = store.get_prompt(key) if store is not None else None
+        if known is not None:
+            keys, total, outcome = known.keys, known.tokens, "hit"
+        else:
+            tokens = await self.remote.tokenize(request, body)
+            t1 = time.perf_counter()
+            timings["tokenize"] = t1 - t0
+            keys, total = self.keys(tokens), len(tokens)
+            timings["hash"] = time.perf_counter() - t1
+            outcome = "off"
+            if store is not None:
+                store.put_prompt(key, Tokenized(keys, total, False, 0, 0))
+                outcome = "miss"
+        if outcome == "hit":
+            timings["tokenize"] = time.perf_counter() - t0
+        if self.cache is not None:
+            self.cache.record(outcome)
+        self._check_length(total)
+        t2 = time.perf_counter()
+        hits, degraded = await self._owners(request.model, keys, pod_ids)
+        t3 = time.perf_counter()
+        timings["lookup"] = t3 - t2
+        matched = matched_prefix(hits, pod_ids, self._not_before())
+        timings["score"] = time.perf_counter() - t3
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
         """(keys and counts, cache outcome, estimated prompt tokens), through the prefix store."""

@@ -18,6 +18,7 @@ from .indexer import Indexer, PromptTooLong
 from .logs import ThrottledLog
 from .metrics import Metrics
 from .pods import PodPool
+from .remotetok import RemoteTokenizerUnavailable
 from .requests import RoutingRequest
 from .scoring import Context, Decision, Profile
 from .scoring.filters import SubsetHint
@@ -83,6 +84,8 @@ class Router:
             return self._fallback("tokenizer", str(exc), candidates)
         except TokenizerBusy as exc:
             return self._fallback("tokenizer_busy", str(exc), candidates)
+        except RemoteTokenizerUnavailable as exc:
+            return self._fallback("remote_tokenizer", str(exc), candidates)
         except PromptTooLong as exc:
             return self._fallback("prompt_too_long", str(exc), candidates)
         except PromptRenderError as exc:

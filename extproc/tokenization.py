@@ -28,6 +28,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 T = TypeVar("T")
 
 
+REMOTE = "remote"
+"""A model's tokenizer source that means "ask its engines" (config ``tokenizer: remote``)."""
+
+
 class TokenizerUnavailable(Exception):
     """No tokenizer could be loaded for the model; routing falls back to load."""
 
@@ -130,6 +134,8 @@ class TokenizerManager:
         source = self._sources.get(model)
         if source is None:
             raise TokenizerUnavailable(f"no tokenizer configured for model {model!r}")
+        if source == REMOTE:
+            raise TokenizerUnavailable(f"model {model!r} is tokenized by its engines (tokenizer: remote)")
         failed = self._failed.get(model)
         if failed and time.monotonic() - failed[0] < self.RETRY_FAILED_LOAD_AFTER:
             raise TokenizerUnavailable(failed[1])
@@ -138,6 +144,27 @@ class TokenizerManager:
             pending = asyncio.ensure_future(self._load(model, source))
             self._loading[model] = pending
         return await asyncio.shield(pending)
+
+    def use_remote(self, model: str, *, fallback: bool) -> bool:
+        """Whether the model's engines tokenize this request: always for ``tokenizer: remote``;
+        with ``fallback``, also while no local tokenizer is usable (none configured, a load
+        failed in the last RETRY_FAILED_LOAD_AFTER seconds, or still loading). A load is started
+        here, so the local tokenizer takes over as soon as it is in memory."""
+        source = self._sources.get(model)
+        if source == REMOTE:
+            return True
+        if not fallback or model in self._loaded:
+            return False
+        if source is None:
+            return True
+        failed = self._failed.get(model)
+        if failed and time.monotonic() - failed[0] < self.RETRY_FAILED_LOAD_AFTER:
+            return True
+        if model not in self._loading:
+            pending = asyncio.ensure_future(self._load(model, source))
+            pending.add_done_callback(_retrieve)  # its failure is recorded in _failed
+            self._loading[model] = pending
+        return True
 
     async def _load(self, model: str, source: str) -> Tokenizer:
         try:
@@ -196,3 +223,8 @@ class TokenizerManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
