@@ -22,12 +22,13 @@ RedisIndex keeps the index's rules; a Backend knows its mode's:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
@@ -49,6 +50,45 @@ log = logging.getLogger("extproc.index.redis")
 REFRESH_INTERVAL = 0.25
 """Cluster: at most one slot-map refresh this often after failures (a failover ends with one)."""
 ADMIN_TIMEOUT = 2.0
+
+
+_asking: contextvars.ContextVar[str | None] = contextvars.ContextVar("kv_extproc_asking", default=None)
+
+
+def _install_asking_on_one_connection() -> None:
+    """Make redis-py's cluster client send ASKING on the same connection as the command it is for.
+
+    On an ASK redirect, redis-py (asyncio, 5.x to 8.x) calls ``ClusterNode.execute_command("ASKING")``
+    and then the command, each on a connection taken from the node's pool (first in, first out):
+    with more than one idle connection the command goes out on another connection than ASKING,
+    the importing node answers MOVED back to the source, which answers ASK again, until "TTL
+    exhausted" (seen here: every lookup of a key already migrated failed while its slot moved).
+    ASKING holds for the next command on its connection only, so this defers it and sends
+    both in one write on one connection. Scope: the calling task (a context variable), so
+    concurrent commands are not affected.
+    """
+    if getattr(ClusterNode.execute_command, "_kv_asking", False):
+        return
+    original = ClusterNode.execute_command
+
+    async def execute_command(self: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and str(args[0]).upper() == "ASKING":
+            _asking.set(self.name)
+            return b"OK"
+        if _asking.get() is None:
+            return await original(self, *args, **kwargs)
+        target, _ = _asking.get(), _asking.set(None)
+        if target != self.name or kwargs.get("asking"):
+            return await original(self, *args, **kwargs)
+        asking, command = PipelineCommand(0, "ASKING"), PipelineCommand(1, *args, **kwargs)
+        await self.execute_pipeline([asking, command])
+        for cmd in (asking, command):
+            if isinstance(cmd.result, Exception):
+                raise cmd.result
+        return command.result
+
+    execute_command._kv_asking = True  # type: ignore[attr-defined]
+    ClusterNode.execute_command = execute_command  # type: ignore[method-assign]
 
 
 def redact(url: str) -> str:
@@ -120,6 +160,10 @@ class Backend:
 
     def publish(self, pipe, channel: str, data: bytes) -> None:
         pipe.publish(channel, data)
+
+    async def ping(self) -> None:
+        """The servers that hold the data answer (a cluster: every primary)."""
+        await self.client.ping()
 
     def failed(self, exc: BaseException) -> None:
         """A command failed (connection, timeout, cluster down): adapt if the mode can."""
@@ -211,6 +255,7 @@ class Cluster(Backend):
             self._options.update(ssl=True, **self._tls_options(config))
         self._seeds = [_host_port(node) for node in config.nodes]
         self._slot = key_slot(channel.encode())
+        _install_asking_on_one_connection()
         self.client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self._seeds],
                                    retry=Retry(NoBackoff(), 0), **self._options)
         self.where = f"cluster, seed nodes {','.join(config.nodes)}{_auth_note(config.username, self._password, config.tls)}"
@@ -219,6 +264,9 @@ class Cluster(Backend):
 
     def publish(self, pipe, channel: str, data: bytes) -> None:
         pipe.spublish(channel, data)
+
+    async def ping(self) -> None:
+        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
 
     # -- topology --------------------------------------------------------------------
 

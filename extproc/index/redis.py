@@ -200,9 +200,7 @@ class RedisIndex:
             raise IndexUnavailable("redis: the cluster's slots moved during the scan")
 
     async def ping(self) -> None:
-        pipe = self._backend.pipeline()
-        pipe.ping()
-        await self._run(pipe)
+        await self._ask(self._backend.ping(), self._timeout)
 
     # -- write side ------------------------------------------------------------------
 

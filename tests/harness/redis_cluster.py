@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.cluster import key_slot
 
 from extproc.sim import launcher
 
@@ -169,7 +170,8 @@ class Cluster:
         _wait(lambda: self.client(replica).info("replication").get("role") == "master", timeout,
               f"{replica} promoted")
 
-    def migrate_slot(self, slot: int, dest: int, *, batch: int = 10, pause: float = 0.0) -> int:
+    def migrate_slot(self, slot: int, dest: int, *, batch: int = 10, pause: float = 0.0,
+                     first: list[str] = ()) -> int:
         """Move ``slot`` to primary ``dest`` key by key (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
 
         While it runs, a key already moved answers ASK on the source; afterwards the slot answers
@@ -184,15 +186,18 @@ class Cluster:
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         moved = 0
+        auth = ["AUTH", self.password] if self.password else []
+        for key in first:  # these move at once: until the slot is handed over, they answer ASK
+            src.execute_command("MIGRATE", "127.0.0.1", dest, "", 0, 5000, *auth, "KEYS", key)
+            moved += 1
         while True:
+            if pause:
+                time.sleep(pause)
             keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
             if not keys:
                 break
-            auth = ["AUTH", self.password] if self.password else []
             src.execute_command("MIGRATE", "127.0.0.1", dest, "", 0, 5000, *auth, "KEYS", *keys)
             moved += len(keys)
-            if pause:
-                time.sleep(pause)
         for port in (dest, source, *[n.port for n in self.alive() if n.port not in (dest, source)]):
             try:
                 self.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
@@ -233,8 +238,20 @@ def _node_argv(port: int, directory: Path, password: str | None) -> list[str]:
     return argv
 
 
-def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, password: str | None = None) -> Cluster:
-    """A fresh cluster on free ports, every slot served and every replica synced."""
+def keys_in_slot(slot: int, count: int, prefix: str = "filler") -> list[str]:
+    """``count`` key names that hash to ``slot`` (through a hash tag found by trying)."""
+    found, n = [], 0
+    while len(found) < count:
+        n += 1
+        if key_slot(str(n).encode()) == slot:
+            found.append(f"{prefix}:{{{n}}}")
+    return found
+
+
+def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, password: str | None = None,
+                  acl_user: tuple[str, str] | None = None) -> Cluster:
+    """A fresh cluster on free ports, every slot served and every replica synced. ``acl_user``
+    (name, password) is created on every node (ACLs are per node)."""
     nodes = []
     for _ in range(primaries * (1 + replicas)):
         port = low_port()
@@ -251,6 +268,10 @@ def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, passw
         subprocess.run([redis_cli(), *auth, "--cluster", "create", *cluster.seeds, "--cluster-replicas",
                         str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
         cluster.wait_ok()
+        if acl_user:
+            for node in nodes:
+                cluster.client(node.port).execute_command("ACL", "SETUSER", acl_user[0], "on", f">{acl_user[1]}",
+                                                          "~*", "&*", "+@all")
         cluster.wait_synced()
     except BaseException:
         cluster.stop()
