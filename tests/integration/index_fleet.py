@@ -11,6 +11,7 @@ chance. Engine caches hold about two tenants each, so routing by load also evict
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from extproc import config as config_mod
+from extproc.index import IndexUnavailable
+from extproc.index.redis import RedisIndex
 from extproc.requests import parse
 from extproc.sim import launcher
 from extproc.sim.engine import EngineCache, KVEventPublisher, SimulatedEngine
@@ -138,6 +142,53 @@ class Traffic:
         return None
 
 
+class IndexProbe:
+    """Lookups of 60 block keys (spread over every shard of a cluster) every ``interval`` from a
+    thread, through the product's RedisIndex with serve's timeout: when the index could not
+    answer, i.e. when a decision that needs it falls back to load."""
+
+    def __init__(self, index_conf: dict, *, interval: float = 0.02):
+        self.index_conf = index_conf
+        self.interval = interval
+        self.results: list[tuple[float, bool]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        index = RedisIndex.from_config(config_mod.from_dict({"index": self.index_conf}).index)
+        try:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    await index.lookup(MODEL, list(range(1, 61)))
+                    ok = True
+                except IndexUnavailable:
+                    ok = False
+                self.results.append((sent, ok))
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
+        finally:
+            await index.close()
+
+    def start(self) -> "IndexProbe":
+        self._thread.start()
+        return self
+
+    def stop(self) -> "IndexProbe":
+        self._stop.set()
+        self._thread.join(30)
+        return self
+
+    def unavailable(self, start: float) -> tuple[float, int]:
+        """(seconds from the first failed lookup sent after ``start`` to the first lookup that
+        succeeded after the last failure, failed lookups)."""
+        after = [(t, ok) for t, ok in self.results if t >= start]
+        failed = [t for t, ok in after if not ok]
+        if not failed:
+            return 0.0, 0
+        back = next((t for t, ok in after if ok and t > failed[-1]), after[-1][0])
+        return round(back - failed[0], 2), len(failed)
+
+
 def metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -154,6 +205,7 @@ class Fleet:
     ingester: launcher.ExtProc
     serve: launcher.ExtProc
     envoy: launcher.Envoy
+    index_conf: dict
     procs: list = field(default_factory=list)
 
     def holders(self, tenant: int) -> tuple[int, int]:
@@ -163,6 +215,9 @@ class Fleet:
 
     def traffic(self, **kw) -> Traffic:
         return Traffic(self.envoy.url, self.shared, self.holders, **kw).start()
+
+    def probe(self) -> IndexProbe:
+        return IndexProbe(self.index_conf).start()
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -217,4 +272,4 @@ def start_fleet(workdir: Path, tokenizer, tokenizer_dir: str, index: dict, *, ho
                                                add_generation_prompt=True)["input_ids"][: shared[tenant]]
         for name, pod in pods.items():
             prefix_hashes[name, tenant] = pod.engine.cache.hashes(tokens)
-    return Fleet(pods, shared, prefix_hashes, ingester, serve, envoy, procs)
+    return Fleet(pods, shared, prefix_hashes, ingester, serve, envoy, base["index"], procs)

@@ -302,6 +302,7 @@ def _failover(fleet, cluster, fault: str) -> dict:
     primary = cluster.primary_of_slot(key_slot(CHANNEL.encode()))
     replica = cluster.replica_of(primary)
     traffic = fleet.traffic()
+    probe = fleet.probe()
     time.sleep(2.0)
     injected = time.monotonic()
     if fault == "manual":
@@ -322,8 +323,10 @@ def _failover(fleet, cluster, fault: str) -> dict:
     recovered = traffic.wait_recovered(promoted, RECOVERY_LIMIT + 5)
     time.sleep(max(0.0, promoted + 6.0 - time.monotonic()))
     results = traffic.stop()
+    unavailable, failed_lookups = probe.stop().unavailable(injected)
     assert results and not traffic.failures(), traffic.failures()[:5]
     assert recovered is not None and recovered <= RECOVERY_LIMIT, recovered
+    assert probe.results[-1][1] and unavailable <= RECOVERY_LIMIT, (unavailable, failed_lookups)
     client = admin(cluster)
     try:
         assert client.get("matrix:kv:epoch") == marker, "the epoch marker (replicated long before) survives"
@@ -332,6 +335,7 @@ def _failover(fleet, cluster, fault: str) -> dict:
     time.sleep(1.0)
     assert orphans(cluster) == []
     figures = {"takeover_s": round(promoted - injected, 2), "rebuild_started_s": round(rebuilt - promoted, 2),
+               "index_unavailable_s": unavailable, "failed_lookups": failed_lookups,
                "by_cache_resumed_s": round(recovered, 2), "requests": len(results),
                "by_cache_during": traffic.share_by_cache(injected, promoted + recovered)[0]}
     FIGURES[fault] = figures
