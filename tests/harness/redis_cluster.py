@@ -24,6 +24,7 @@ import redis
 from redis.cluster import key_slot
 
 from extproc.sim import launcher
+from tests.harness.certs import Pki
 
 
 def redis_cli() -> str:
@@ -61,6 +62,7 @@ class Cluster:
     workdir: Path
     nodes: list[Node]
     password: str | None = None
+    tls: Pki | None = None
     _clients: dict[int, redis.Redis] = field(default_factory=dict)
 
     @property
@@ -74,7 +76,7 @@ class Cluster:
         """A plain client to one node (not cluster-aware): for admin commands."""
         if port not in self._clients:
             self._clients[port] = redis.Redis(host="127.0.0.1", port=port, password=self.password,
-                                              socket_timeout=5, socket_connect_timeout=2)
+                                              socket_timeout=5, socket_connect_timeout=2, **_tls_client(self.tls))
         return self._clients[port]
 
     def alive(self) -> list[Node]:
@@ -228,8 +230,26 @@ def low_port() -> int:
     raise RuntimeError("no free port below 55536")
 
 
-def _node_argv(port: int, directory: Path, password: str | None) -> list[str]:
-    argv = [launcher.redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
+def _tls_client(tls: Pki | None) -> dict:
+    if tls is None:
+        return {}
+    return {"ssl": True, "ssl_ca_certs": str(tls.ca), "ssl_certfile": str(tls.client_cert),
+            "ssl_keyfile": str(tls.client_key)}
+
+
+def _tls_cli(tls: Pki | None) -> list[str]:
+    if tls is None:
+        return []
+    return ["--tls", "--cacert", str(tls.ca), "--cert", str(tls.client_cert), "--key", str(tls.client_key)]
+
+
+def _node_argv(port: int, directory: Path, password: str | None, tls: Pki | None = None) -> list[str]:
+    listen = ["--port", str(port)]
+    if tls is not None:  # TLS only: clients, the cluster bus and replication (client certificates required)
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.server_cert), "--tls-key-file",
+                  str(tls.server_key), "--tls-ca-cert-file", str(tls.ca), "--tls-cluster", "yes",
+                  "--tls-replication", "yes"]
+    argv = [launcher.redis_binary(), "--bind", "127.0.0.1", *listen, "--cluster-enabled", "yes",
             "--cluster-port", str(low_port()),
             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000", "--save", "",
             "--appendonly", "no", "--dir", str(directory)]
@@ -249,7 +269,7 @@ def keys_in_slot(slot: int, count: int, prefix: str = "filler") -> list[str]:
 
 
 def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, password: str | None = None,
-                  acl_user: tuple[str, str] | None = None) -> Cluster:
+                  acl_user: tuple[str, str] | None = None, tls: Pki | None = None) -> Cluster:
     """A fresh cluster on free ports, every slot served and every replica synced. ``acl_user``
     (name, password) is created on every node (ACLs are per node)."""
     nodes = []
@@ -257,15 +277,15 @@ def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, passw
         port = low_port()
         directory = Path(workdir) / f"cluster-{port}"
         directory.mkdir(parents=True)
-        node = Node(port, directory, _node_argv(port, directory, password))
+        node = Node(port, directory, _node_argv(port, directory, password, tls))
         node.proc = launcher._spawn(f"redis-cluster-{port}", node.argv, directory)
         nodes.append(node)
-    cluster = Cluster(Path(workdir), nodes, password)
+    cluster = Cluster(Path(workdir), nodes, password, tls)
     try:
         for node in nodes:
             launcher.wait_tcp("127.0.0.1", node.port, timeout=10, proc=node.proc)
         auth = ["-a", password, "--no-auth-warning"] if password else []
-        subprocess.run([redis_cli(), *auth, "--cluster", "create", *cluster.seeds, "--cluster-replicas",
+        subprocess.run([redis_cli(), *auth, *_tls_cli(tls), "--cluster", "create", *cluster.seeds, "--cluster-replicas",
                         str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
         cluster.wait_ok()
         if acl_user:
