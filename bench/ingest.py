@@ -52,13 +52,14 @@ _BLASTER = textwrap.dedent("""
 """)
 
 
-async def _throughput(redis_url: str, per_event: int, batches: int) -> dict:
+async def _throughput(redis_url: str, per_event: int, batches: int, *, index: dict | None = None) -> dict:
+    """``index``: the index section to ingest into (default: standalone at ``redis_url``)."""
     endpoint = f"tcp://127.0.0.1:{launcher.free_port()}"
     warm = subprocess.Popen([sys.executable, "-c", _BLASTER, endpoint, str(batches), str(per_event)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert warm.stdout.readline().strip() == "ready"
     conf = config_mod.from_dict({
-        "index": {"backend": "redis", "redisUrl": redis_url},
+        "index": index or {"backend": "redis", "redisUrl": redis_url},
         "blockSizeToHash": ROUTER_BLOCK, "models": [{"name": "m"}],
         "pods": [{"id": "pod-a", "address": "127.0.0.1:1", "kvEvents": endpoint}],
     })

@@ -183,6 +183,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         max_loaded=config.tokenization.max_loaded,
     )
     index = open_index(config.index)
+    log.info("index: %s", getattr(index, "where", "memory, in this process"))
     await index.check_credentials()
     pool = PodPool(config.pods, [m.name for m in config.models])
     cache = build_cache(config)
@@ -389,6 +390,7 @@ async def ingest(config: Config, config_path: str | None = None) -> None:
     supervisor = Supervisor(metrics)
     metrics.watch_tasks(supervisor.failing_by_kind)
     index: BlockIndex = open_index(config.index)
+    log.info("index: %s", getattr(index, "where", "memory, in this process"))
     await index.check_credentials()
     signals = Signals()
     membership = None

@@ -53,10 +53,27 @@ class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_on
     pass
 
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
 class IndexConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """rediss:// for TLS. Put no password here: use passwordFile or passwordEnv."""
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    """How Redis is run: one server at redisUrl (standalone); a Redis Cluster (or Valkey cluster)
+    found from ``nodes``; or the primary that ``sentinels`` name for ``sentinelService``."""
+    redis_url: str = DEFAULT_REDIS_URL
+    """Standalone mode only. rediss:// for TLS. Put no password here: use passwordFile or passwordEnv."""
+    nodes: list[str] = []
+    """Cluster mode: a few seed nodes, host:port (the rest of the cluster is discovered from them)."""
+    sentinels: list[str] = []
+    """Sentinel mode: the Sentinels, host:port."""
+    sentinel_service: str = ""
+    """Sentinel mode: the monitored primary's name (``sentinel monitor <name> ...``)."""
+    sentinel_password_file: str = ""
+    """Sentinel mode: the Sentinels' own password (their requirepass), if they have one."""
+    sentinel_password_env: str = ""
+    tls: bool = False
+    """Cluster and sentinel modes: TLS to every node (standalone: a rediss:// redisUrl)."""
     username: str = ""
     """Redis ACL user (AUTH username password)."""
     password_file: str = ""
@@ -77,12 +94,49 @@ class IndexConfig(_Section):
         _positive("timeout", self.timeout)
         if self.password_file and self.password_env:
             raise ValueError("give passwordFile or passwordEnv, not both")
+        if self.sentinel_password_file and self.sentinel_password_env:
+            raise ValueError("give sentinelPasswordFile or sentinelPasswordEnv, not both")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tlsCertFile and tlsKeyFile go together")
         if self.max_entry_age < 0:
             raise ValueError("maxEntryAge must not be negative")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redisUrl must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        mode = self.mode
+        if mode != "standalone" and self.backend != "redis":
+            raise ValueError(f"mode {mode} is a Redis setting: set backend: redis")
+        if mode == "standalone":
+            for name, value in (("nodes", self.nodes), ("sentinels", self.sentinels),
+                                ("sentinelService", self.sentinel_service)):
+                if value:
+                    raise ValueError(f"{name} is set but mode is standalone: set mode: "
+                                     f"{'cluster' if name == 'nodes' else 'sentinel'} (or remove {name})")
+            if self.tls and not self.redis_url.startswith("rediss://"):
+                raise ValueError("tls is for cluster and sentinel modes; in standalone mode use a rediss:// redisUrl")
+            return
+        if self.redis_url != DEFAULT_REDIS_URL:
+            where = "nodes" if mode == "cluster" else "sentinels and sentinelService"
+            raise ValueError(f"redisUrl is for mode standalone; mode {mode} connects through {where}")
+        if mode == "cluster":
+            if not self.nodes:
+                raise ValueError("mode cluster needs nodes: a few seed nodes as host:port")
+            if self.sentinels or self.sentinel_service:
+                raise ValueError("sentinels and sentinelService are for mode sentinel, not cluster")
+            if "{" in self.key_prefix or "}" in self.key_prefix:
+                raise ValueError("keyPrefix must not contain '{' or '}' in mode cluster: a hash tag would put "
+                                 "every block in one slot")
+            for node in self.nodes:
+                _address("nodes", node)
+        else:
+            if not self.sentinels or not self.sentinel_service:
+                raise ValueError("mode sentinel needs sentinels (host:port list) and sentinelService")
+            if self.nodes:
+                raise ValueError("nodes is for mode cluster, not sentinel")
+            for node in self.sentinels:
+                _address("sentinels", node)
 
 
 REMOTE_TOKENIZER = "remote"

@@ -268,9 +268,13 @@ def start_extproc(config: dict[str, Any], workdir: Path, *, command: str = "serv
     path.write_text(json.dumps(config, indent=2))
     proc = _spawn(path.stem, [sys.executable, "-m", "extproc", command, "--config", str(path)], workdir)
     host, _, port = (config["listen"] if command == "serve" else config["metricsListen"]).rpartition(":")
-    wait_tcp(host, int(port), timeout=60, proc=proc)
-    if wait_ready and command == "serve":
-        wait_serving(config["listen"], timeout=60, proc=proc)
+    try:
+        wait_tcp(host, int(port), timeout=60, proc=proc)
+        if wait_ready and command == "serve":
+            wait_serving(config["listen"], timeout=60, proc=proc)
+    except BaseException:
+        proc.stop()  # never leave a process that did not come up running behind the caller
+        raise
     return ExtProc(proc, config, path)
 
 

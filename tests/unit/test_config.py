@@ -91,3 +91,40 @@ def test_cli_rejects_a_bad_config_with_one_line(tmp_path, capsys):
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kv-extproc: invalid config") and "bogus" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "index, names",
+    [
+        ({"mode": "cluster", "nodes": ["a:1"]}, "set backend: redis"),
+        ({"backend": "redis", "mode": "cluster"}, "needs nodes"),
+        ({"backend": "redis", "mode": "cluster", "nodes": ["nohost"]}, "nodes must be 'host:port'"),
+        ({"backend": "redis", "mode": "cluster", "nodes": ["a:1"], "redisUrl": "redis://b:2/0"}, "redisUrl is for mode standalone"),
+        ({"backend": "redis", "mode": "cluster", "nodes": ["a:1"], "keyPrefix": "kv:{m}:"}, "keyPrefix must not contain"),
+        ({"backend": "redis", "nodes": ["a:1"]}, "set mode: cluster"),
+        ({"backend": "redis", "sentinels": ["a:1"]}, "set mode: sentinel"),
+        ({"backend": "redis", "tls": True}, "rediss://"),
+        ({"backend": "redis", "mode": "sentinel", "sentinels": ["a:1"]}, "sentinelService"),
+        ({"backend": "redis", "mode": "sentinel", "sentinelService": "s"}, "sentinels"),
+        ({"backend": "redis", "mode": "sentinel", "sentinels": ["a:1"], "sentinelService": "s", "nodes": ["b:2"]},
+         "nodes is for mode cluster"),
+        ({"backend": "redis", "mode": "sentinel", "sentinels": ["a:1"], "sentinelService": "s",
+          "sentinelPasswordFile": "f", "sentinelPasswordEnv": "E"}, "not both"),
+        ({"backend": "redis", "mode": "replicated"}, "$.index.mode"),
+    ],
+)
+def test_index_modes_are_checked_with_one_line_errors(index, names):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"index": index})
+    assert names in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_index_modes_load():
+    c = config.from_dict({"index": {"backend": "redis", "mode": "cluster", "nodes": ["10.0.0.1:6379", "r-1.redis:6379"],
+                                    "tls": True, "username": "kv"}})
+    assert (c.index.mode, c.index.nodes, c.index.tls) == ("cluster", ["10.0.0.1:6379", "r-1.redis:6379"], True)
+    s = config.from_dict({"index": {"backend": "redis", "mode": "sentinel", "sentinels": ["s1:26379", "s2:26379"],
+                                    "sentinelService": "kvindex"}})
+    assert (s.index.mode, s.index.sentinel_service) == ("sentinel", "kvindex")
+    assert config.from_dict({}).index.mode == "standalone"

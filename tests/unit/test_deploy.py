@@ -140,6 +140,39 @@ def test_docker_compose_itself_accepts_the_compose_file():
     assert built and all(b["target"] == "demo" for b in built.values()), "the demo needs the bundled tokenizer"
 
 
+def test_the_redis_cluster_compose_variant_is_accepted_and_its_config_names_the_cluster():
+    files = ["-f", str(COMPOSE_DIR / "docker-compose.yaml"), "-f", str(COMPOSE_DIR / "docker-compose.redis-cluster.yaml")]
+    merged = yaml.safe_load(subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True,
+                                           timeout=60, check=True).stdout)["services"]
+    nodes = {f"{s['networks']['fleet']['ipv4_address']}:6379" for name, s in merged.items()
+             if name.startswith("redis-") and name != "redis-cluster-init"}
+    assert len(nodes) == 6 and all("--cluster-enabled" in merged[f"redis-{i}"]["command"] for i in range(1, 7))
+    init = " ".join(merged["redis-cluster-init"]["command"])
+    assert all(node in init for node in nodes) and "--cluster-replicas 1" in init
+    extproc = merged["kv-extproc"]
+    assert extproc["depends_on"]["redis-cluster-init"] == {"condition": "service_completed_successfully"}
+    [mount] = [v for v in extproc["volumes"] if v.endswith(":/etc/kv-extproc/config.yaml:ro")]
+    assert mount.startswith(str(COMPOSE_DIR / "kv-extproc-cluster.yaml"))
+    conf = config_mod.load(COMPOSE_DIR / "kv-extproc-cluster.yaml")
+    assert conf.index.mode == "cluster" and set(conf.index.nodes) <= nodes
+    base = config_mod.load(COMPOSE_DIR / "kv-extproc.yaml")
+    assert conf.pods == base.pods and conf.models == base.models, "the same demo, another index"
+
+
+def test_the_kubernetes_config_documents_cluster_and_sentinel_index_settings_that_load():
+    config_map = next(d for d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kv-extproc-config")
+    text = config_map["data"]["config.yaml"]
+    for mode in ("cluster", "sentinel"):
+        lines = [line.strip().removeprefix("#").strip() for line in text.splitlines()]
+        start = next(i for i, line in enumerate(lines) if line.startswith("index:") and f"mode: {mode}" in line)
+        snippet = lines[start]
+        while snippet.count("{") != snippet.count("}"):
+            start += 1
+            snippet += " " + lines[start]
+        conf = config_mod.from_dict(yaml.safe_load(snippet))
+        assert conf.index.mode == mode
+
+
 def test_the_image_is_slim_and_runs_as_non_root():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
