@@ -122,6 +122,7 @@ class Served:
         self.service.max_messages = new.limits.max_messages
         self.indexer.max_prompt_tokens = new.limits.max_prompt_tokens
         self.indexer.max_entry_age = new.index.max_entry_age
+        self.indexer.medium_weights = dict(new.tiers.medium_weights)
         self.readiness.reconfigure(require_index=new.health.require_index, interval=new.health.check_interval)
         self.checker.reconfigure(**_pod_health_settings(new))
         if new.pod_health.enabled != old.pod_health.enabled:
@@ -170,6 +171,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         max_entry_age=config.index.max_entry_age,
         cache=cache,
         max_prompt_tokens=config.limits.max_prompt_tokens,
+        medium_weights=dict(config.tiers.medium_weights),
     )
     router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
                     log_prompts=config.log_prompts)

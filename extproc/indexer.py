@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
+from .endpoints import best_weights, tiered_prefix
 from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.store import INLINE_CHARS
@@ -46,6 +47,9 @@ class PrefixMatch:
     """hit, partial, miss, error or off."""
     degraded: bool = False
     """The index could not answer for some blocks: matched on the cached owners alone."""
+    weighted: dict[str, float] | None = None
+    """pod id -> its run weighted by where each block is held (tiers.mediumWeights); None
+    when the indexer weighs no tiers."""
 
 
 def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
@@ -91,6 +95,9 @@ class Indexer:
     max_entry_age: float = 0.0
     cache: PrefixCache | None = None
     max_prompt_tokens: int = 1 << 30
+    medium_weights: dict[str, float] | None = None
+    """Weights of KV tiers (endpoints.tiered_prefix): a run continues across tiers. None: GPU
+    presence only, every block counting 1."""
     _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
 
     def keys(self, tokens: Sequence[int], parent: int | None = None, max_blocks: int | None = None) -> list[int]:
@@ -143,9 +150,13 @@ class Indexer:
         hits, degraded = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
-        matched = matched_prefix(hits, pod_ids, self._not_before())
+        weighted = None
+        if self.medium_weights is None:
+            matched = matched_prefix(hits, pod_ids, self._not_before())
+        else:
+            matched, weighted = tiered_prefix(hits, pod_ids, self.medium_weights, self._not_before())
         timings["score"] = time.perf_counter() - t3
-        return PrefixMatch(matched, len(keys), timings, outcome, degraded)
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded, weighted)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
         """(keys and counts, cache outcome, estimated prompt tokens), through the prefix store."""
@@ -207,7 +218,11 @@ class Indexer:
         for depth, holders in enumerate(known):
             if holders is None:
                 break
-            active = [p for p in active if p in holders and holders[p] >= not_before]
+            if self.medium_weights is None:
+                active = [p for p in active if p in holders and holders[p] >= not_before]
+            else:  # a candidate holds the block on some weighted tier
+                best = best_weights(holders, self.medium_weights, not_before)
+                active = [p for p in active if best.get(p)]
             if not active:
                 return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
         else:

@@ -104,7 +104,7 @@ class Router:
         if match.degraded:
             self.metrics.index_errors.inc()
             self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
-        decision = self.profile.decide(Context(request, match.matched, match.total_blocks), candidates)
+        decision = self.profile.decide(Context(request, match.matched, match.total_blocks, match.weighted), candidates)
         elapsed = time.perf_counter() - started
         for stage, seconds in match.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)

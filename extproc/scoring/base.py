@@ -24,6 +24,8 @@ class Context:
     matched: dict[str, int]
     """pod id -> blocks of the prompt it holds consecutively from the first."""
     total_blocks: int
+    weighted: dict[str, float] | None = None
+    """pod id -> its run weighted by tier (GPU 1, CPU less, ...); None: every block counts 1."""
 
 
 @dataclass(slots=True)

@@ -97,14 +97,20 @@ class KVEventPublisher:
 
 
 def stored_event(hashes: Sequence[int], parent: int | None, tokens: Sequence[int], block_size: int,
-                 lora_name: str | None = None) -> dict:
+                 lora_name: str | None = None, medium: str = "GPU") -> dict:
     return {"type": "BlockStored", "block_hashes": list(hashes), "parent_block_hash": parent,
-            "token_ids": list(tokens), "block_size": block_size, "lora_id": None, "medium": "GPU",
+            "token_ids": list(tokens), "block_size": block_size, "lora_id": None, "medium": medium,
             "lora_name": lora_name}
 
 
-def removed_event(hashes: Sequence[int]) -> dict:
-    return {"type": "BlockRemoved", "block_hashes": list(hashes), "medium": "GPU"}
+def placeholder_event(last_hash: int, medium: str = "CPU") -> dict:
+    """vLLM's offloading connector without self_describing_kv_events: a chunk named by its last block."""
+    return {"type": "BlockStored", "block_hashes": [last_hash], "parent_block_hash": None, "token_ids": [],
+            "block_size": 0, "lora_id": None, "medium": medium, "lora_name": None}
+
+
+def removed_event(hashes: Sequence[int], medium: str = "GPU") -> dict:
+    return {"type": "BlockRemoved", "block_hashes": list(hashes), "medium": medium}
 
 
 CLEARED_EVENT = {"type": "AllBlocksCleared"}
