@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet")
+PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet", "tiers")
 
 
 def main() -> None:

@@ -232,9 +232,10 @@ class LoadLoop:
 
 @contextlib.contextmanager
 def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300, hosts_from: int = 5,
-                mode: str = "envoy.yaml", **extra):
+                mode: str = "envoy.yaml", cache=None, **extra):
     """Redis + three fake pods that keep a prefix cache and publish KV events + kv-extproc
-    ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy)."""
+    ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy).
+    ``cache``: makes each pod's engine cache (default: an EngineCache of ``capacity_blocks``)."""
     from extproc.sim.engine import EngineCache, KVEventPublisher, SimulatedEngine
     from extproc.requests import parse
     from extproc.tokenization import tokenize_with
@@ -245,7 +246,7 @@ def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300
         host = f"127.0.0.{n + hosts_from}"
         engine = SimulatedEngine(
             lambda path, body: tokenize_with(tokenizer, parse(path, body)),
-            EngineCache(capacity_blocks=capacity_blocks, block_size=16),
+            cache() if cache is not None else EngineCache(capacity_blocks=capacity_blocks, block_size=16),
             KVEventPublisher(f"tcp://{host}:*"),
         )
         pods[name] = SimulatedPod(name, host, launcher.free_port(host), model=MODEL, engine=engine).start()

@@ -346,3 +346,69 @@ def test_events_name_their_medium_and_placeholders_decode_off_the_gpu_only():
     assert isinstance(one(placeholder_event(7, medium="GPU")), RejectedEvent)  # the GPU always sends tokens
     bad = one(stored_event([1], None, range(4), BLOCK, medium="C|PU"))
     assert isinstance(bad, RejectedEvent) and bad.reason == "medium"
+
+
+# -- data-parallel ranks ----------------------------------------------------------------
+
+
+def test_a_pod_with_ranks_is_a_candidate_and_a_feed_per_rank():
+    from extproc.events.ingest import feeds_of
+    from extproc.pods import PodPool
+
+    conf = config_mod.from_dict({
+        "models": [{"name": MODEL}],
+        "pods": [{"id": "pod-a", "address": "10.0.0.1:8000", "kvEvents": "tcp://10.0.0.1:5557",
+                  "kvReplay": "tcp://10.0.0.1:5600", "dataParallelSize": 2},
+                 {"id": "pod-b", "address": "10.0.0.2:8000", "kvEvents": "tcp://10.0.0.2:5557"}],
+    })
+    pool = PodPool(conf.pods)
+    assert [(p.id, p.address, p.rank) for p in pool.all()] == [
+        ("pod-a#0", "10.0.0.1:8000", 0), ("pod-a#1", "10.0.0.1:8000", 1), ("pod-b", "10.0.0.2:8000", None)]
+    rank1 = pool.get("pod-a#1")
+    rank1.in_flight = 3
+    pool.update(conf.pods)
+    assert pool.get("pod-a#1") is rank1 and rank1.in_flight == 3  # a reload keeps each rank's state
+    feeds = {c: (events, replay, rank) for c, (_, events, replay, rank) in feeds_of(conf).items()}
+    assert feeds == {"pod-a#0": ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5600", 0),
+                     "pod-a#1": ("tcp://10.0.0.1:5558", "tcp://10.0.0.1:5601", 1),
+                     "pod-b": ("tcp://10.0.0.2:5557", "", None)}
+
+
+async def test_a_rank_feed_takes_its_own_rank_only():
+    conf = config_mod.from_dict({
+        "blockSizeToHash": BLOCK, "ingest": {"engineBlockSize": BLOCK}, "models": [{"name": MODEL}],
+        "pods": [{"id": "pod-a", "address": "10.0.0.1:8000", "kvEvents": "tcp://10.0.0.1:5557", "dataParallelSize": 2}],
+    })
+    index = MemoryIndex()
+    metrics = Metrics()
+    seq = Sequencer(index, conf, metrics, None)
+    feed = seq.new_feed("pod-a#1", MODEL, "tcp://10.0.0.1:5558", rank=1)
+
+    def ranked(n: int, rank: int | None, *events: dict) -> list[bytes]:
+        return [b"kv-events", n.to_bytes(8, "big"), _encode([1_700_000_000.0, list(events), rank])]
+
+    await seq.process(feed, [ranked(0, 1, prefix(1)), ranked(1, None, prefix(2, "CPU"))])
+    await seq.process(feed, [ranked(2, 0, prefix(3))])  # rank 0's events on rank 1's port: refused
+    keys = block_keys(tokens(3), BLOCK, 100)
+    assert [set(h) for h in await index.lookup(MODEL, keys)] == [{"pod-a#1", "pod-a#1|CPU"}, {"pod-a#1|CPU"}, set()]
+    assert metrics.events_rejected.labels("rank")._value.get() == 1
+    assert await seq.purge("pod-a#1", "test")
+    assert await index.pods() == set()
+
+
+async def test_the_rank_header_goes_with_the_route_and_a_clients_is_dropped():
+    from envoy_data_plane.envoy.service.ext_proc.v3 import ProcessingResponse
+
+    from extproc import responses
+
+    answer = ProcessingResponse.parse(responses.body_route("x-gateway-destination-endpoint", "10.0.0.1:8000,10.0.0.2:8000",
+                                                           (("x-data-parallel-rank", "1"),)))
+    mutation = answer.request_body.response.header_mutation
+    assert {h.header.key: h.header.raw_value for h in mutation.set_headers} == {
+        "x-gateway-destination-endpoint": b"10.0.0.1:8000,10.0.0.2:8000", "x-data-parallel-rank": b"1"}
+    held = ProcessingResponse.parse(responses.headers_route("x-gateway-destination-endpoint", "10.0.0.1:8000",
+                                                            ("x-data-parallel-rank", "x-kv-foo"),
+                                                            (("x-data-parallel-rank", "0"),)))
+    mutation = held.request_headers.response.header_mutation
+    assert mutation.remove_headers == ["x-kv-foo"]  # the rank is set, not removed
+    assert {h.header.key: h.header.raw_value for h in mutation.set_headers}["x-data-parallel-rank"] == b"0"
