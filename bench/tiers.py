@@ -12,6 +12,12 @@ tier-unaware: a block only in CPU memory is no presence); kv-extproc with CPU bl
 0.5, 0.8, 0.9 and 1.0. Each at two reload speeds (5x and 2x the prefill rate, so a reloaded
 block costs 20% or 50% of computing it) and two arrival rates.
 
+Two ways of deciding: ``prefix`` (the shipped prefix scorer alone: a prefix stays on the pods
+that hold it) and ``spill`` (the same, but a request whose chosen pod already has SPILL
+requests outstanding goes to the least-loaded pod instead, a stand-in for load-aware scoring:
+prefixes then spread, and a pod holding a long run in CPU memory competes with one holding a
+shorter run on its GPU, which is where the CPU weight decides).
+
 ``python -m bench.tiers`` writes bench/results/tiers.json.
 """
 
@@ -57,6 +63,8 @@ POLICIES: dict[str, dict[str, float] | None] = {
     "cpu-1.0": {"GPU": 1.0, "CPU": 1.0},
 }
 WORKLOADS = ("tenants", "conversations", "skewed")
+MODES = ("prefix", "spill")
+SPILL = 3
 
 
 @dataclass
@@ -91,7 +99,8 @@ async def _applied(ingester: Ingester, pod: SimPod) -> None:
 
 
 async def simulate(weights: dict[str, float] | None, requests: list[list[dict]], tokens: list[list[int]],
-                   rate: float, load_tokens_per_s: float, tokenizer_dir: str, seed: int = 11) -> Outcome:
+                   rate: float, load_tokens_per_s: float, tokenizer_dir: str, seed: int = 11,
+                   mode: str = "prefix") -> Outcome:
     rng = random.Random(seed)
     kv = weights is not None
     pods = [SimPod(f"pod-{i}", OffloadingEngineCache(GPU_BLOCKS, 16, seed=i, cpu_blocks=CPU_BLOCKS),
@@ -133,6 +142,10 @@ async def simulate(weights: dict[str, float] | None, requests: list[list[dict]],
                     p.in_flight = by_id[p.id].outstanding(now)
                 decision = await router.route(RoutingRequest(model=MODEL, kind="chat", messages=messages))
                 pod = by_id[decision.pod.id]
+                if mode == "spill" and pod.outstanding(now) >= SPILL:
+                    fewest = min(p.outstanding(now) for p in pods)
+                    tied = [p for p in pods if p.outstanding(now) == fewest]
+                    pod, turn = tied[turn % len(tied)], turn + 1
             gpu, cpu, events = pod.cache.admit_tiered(prompt)
             if pod.publisher is not None and events:
                 pod.publisher.publish(events)
@@ -158,7 +171,7 @@ async def simulate(weights: dict[str, float] | None, requests: list[list[dict]],
     return outcome
 
 
-async def run_async(workloads=WORKLOADS, loads=tuple(LOADS), rates=tuple(RATES)) -> dict:
+async def run_async(workloads=WORKLOADS, loads=tuple(LOADS), rates=tuple(RATES), modes=MODES) -> dict:
     from extproc.sim import launcher
 
     tokenizer_dir = launcher.bundled_tokenizer_dir()
@@ -168,20 +181,22 @@ async def run_async(workloads=WORKLOADS, loads=tuple(LOADS), rates=tuple(RATES))
         requests = workload(name)
         tokens = [tokenize_with(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=m)) for m in requests]
         base = capacity(tokens)
-        for load in loads:
-            for rate in rates:
+        for mode, load, rate in ((m, lo, r) for m in modes for lo in loads for r in rates):
                 for policy, weights in POLICIES.items():
-                    out = await simulate(weights, requests, tokens, base * RATES[rate], LOADS[load], tokenizer_dir)
+                    if mode == "spill" and weights is None:
+                        continue  # least-loaded does not change
+                    out = await simulate(weights, requests, tokens, base * RATES[rate], LOADS[load], tokenizer_dir,
+                                         mode=mode)
                     ttft = sorted(out.ttft)
-                    row = {"workload": name, "reload": load, "rate": rate, "policy": policy,
+                    row = {"workload": name, "mode": mode, "reload": load, "rate": rate, "policy": policy,
                            "gpu_hit": out.gpu_tokens / out.prompt_tokens, "cpu_hit": out.cpu_tokens / out.prompt_tokens,
                            "ttft_mean_ms": statistics.fmean(ttft) * 1e3,
                            "ttft_p99_ms": ttft[int(len(ttft) * 0.99) - 1] * 1e3}
                     rows.append(row)
-                    print(f"tiers  {name:<13} {load:<9} {rate:<8} {policy:<12} GPU hit {row['gpu_hit']:6.1%}  "
+                    print(f"tiers  {name:<13} {mode:<6} {load:<9} {rate:<8} {policy:<12} GPU hit {row['gpu_hit']:6.1%}  "
                           f"CPU hit {row['cpu_hit']:6.1%}  TTFT mean {row['ttft_mean_ms']:8.1f} ms  "
                           f"p99 {row['ttft_p99_ms']:8.1f} ms", flush=True)
-    result = {"pods": PODS, "gpu_blocks": GPU_BLOCKS, "cpu_blocks": CPU_BLOCKS, "prefill_tokens_per_s": PREFILL_TOKENS_PER_S,
+    result = {"pods": PODS, "spill": SPILL, "gpu_blocks": GPU_BLOCKS, "cpu_blocks": CPU_BLOCKS, "prefill_tokens_per_s": PREFILL_TOKENS_PER_S,
               "loads": LOADS, "decode_s": DECODE_S, "rows": rows}
     write("tiers", result)
     return result

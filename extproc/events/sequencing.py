@@ -41,6 +41,12 @@ from .tracker import PodTracker
 
 log = logging.getLogger("extproc.events")
 
+PREFIX_KINDS = frozenset({None, "full_attention", "mla_attention", "sink_full_attention"})
+"""KV cache groups whose blocks make a prefix (kv_cache_spec_kind; None: a release that does
+not say, or a model with one group). Sliding-window, chunked-local and mamba groups keep only
+the last blocks of a window or a state at a few points: their blocks never extend a cached
+prefix, and their removals must not shorten one (see README, Hybrid models)."""
+
 ReplayFetcher = Callable[["Feed", int], Awaitable["list[tuple[int, bytes]] | None"]]
 """(feed, first seq) -> every buffered (seq, payload) from there on, sorted; None if the pod did not answer."""
 
@@ -70,6 +76,17 @@ class Feed:
     """medium -> the tracker of the blocks offloaded there (CPU, STORAGE, ...)."""
     rank: int | None = None
     """The data-parallel rank this feed is (its batches name it), None for a pod without ranks."""
+    group_kinds: dict[int, str] = field(default_factory=dict)
+    """group_idx -> kv_cache_spec_kind, as BlockStored events announce them (removals name the
+    group only)."""
+
+    def prefix_group(self, group_idx: int | None, kind: str | None = None) -> bool:
+        """Whether blocks of this KV cache group make the prefix the index keeps."""
+        if kind is not None and group_idx is not None:
+            self.group_kinds[group_idx] = kind
+        elif group_idx is not None:
+            kind = self.group_kinds.get(group_idx)
+        return kind in PREFIX_KINDS
 
     def tier(self, medium: str) -> PodTracker:
         tracker = self.tiers.get(medium)
@@ -222,8 +239,8 @@ class Sequencer:
         for event in batch.events:
             if isinstance(event, BlockStored):
                 self.metrics.events.labels("BlockStored").inc()
-                if event.kv_cache_spec_kind == "sliding_window":
-                    continue  # evicted as the window slides: never a prefix hit
+                if not feed.prefix_group(event.group_idx, event.kv_cache_spec_kind):
+                    continue  # a sliding window's or a mamba state's blocks: no prefix of their own
                 tracker = self._tracker(feed, event.medium)
                 if event.placeholder:
                     # An offloaded chunk named by its last block: its blocks are the GPU's.
@@ -239,6 +256,8 @@ class Sequencer:
                     self._rejected(feed, RejectedEvent("BlockStored", "block_size", str(exc)))
             elif isinstance(event, BlockRemoved):
                 self.metrics.events.labels("BlockRemoved").inc()
+                if not feed.prefix_group(event.group_idx):
+                    continue
                 tracker = self._tracker(feed, event.medium)
                 tracker.removed(event, writes.of(tracker))
             elif isinstance(event, AllBlocksCleared):

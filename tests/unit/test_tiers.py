@@ -412,3 +412,32 @@ async def test_the_rank_header_goes_with_the_route_and_a_clients_is_dropped():
     mutation = held.request_headers.response.header_mutation
     assert mutation.remove_headers == ["x-kv-foo"]  # the rank is set, not removed
     assert {h.header.key: h.header.raw_value for h in mutation.set_headers}["x-data-parallel-rank"] == b"0"
+
+
+# -- hybrid models --------------------------------------------------------------------
+
+
+def grouped(event: dict, group: int, kind: str | None = None, offset: int = 0) -> dict:
+    """The event for KV cache group ``group`` (its own hashes: offset), as hybrid models send them."""
+    out = dict(event, group_idx=group, block_hashes=[h + offset for h in event["block_hashes"]])
+    if event.get("parent_block_hash") is not None:
+        out["parent_block_hash"] = event["parent_block_hash"] + offset
+    if kind is not None:
+        out["kv_cache_spec_kind"] = kind
+    return out
+
+
+async def test_a_hybrid_models_prefix_is_its_full_attention_groups():
+    pod = Pod(MemoryIndex())
+    await pod.send(grouped(prefix(3), 0, "sliding_window"), grouped(prefix(3), 1, "full_attention", 1000),
+                   grouped(prefix(3), 2, "mamba", 2000), grouped(prefix(3), 3, "full_attention", 3000))
+    assert await pod.holders(3) == [{"pod-a"}] * 3
+    # The window slides and the mamba states go: removals name the group only; the prefix stays.
+    await pod.send(grouped(removed_event([100, 101]), 0), grouped(removed_event([2100, 2102]), 2))
+    assert await pod.holders(3) == [{"pod-a"}] * 3
+    # A block missing from any full-attention group is no hit (vLLM needs every group).
+    await pod.send(grouped(removed_event([3101]), 3))
+    assert await pod.holders(3) == [{"pod-a"}, set(), {"pod-a"}]
+    # Placeholders of a sliding-window group (vLLM sends no tokens for them) are ignored quietly.
+    await pod.send(grouped(placeholder_event(102), 0))
+    assert pod.metrics.events_rejected.labels("unknown_chunk")._value.get() == 0
