@@ -80,11 +80,16 @@ def candidates_of(pod_id: str, data_parallel_size: int) -> list[tuple[str, int |
 def best_weights(holders: dict[str, float], weights: dict[str, float], not_before: float = 0.0) -> dict[str, float]:
     """candidate -> the weight of the best medium it holds this block on (absent: none)."""
     best: dict[str, float] = {}
+    gpu = weights.get(GPU, 1.0)
     for endpoint_id, at in holders.items():
         if at < not_before:
             continue
-        candidate, sep, medium = endpoint_id.partition(TIER_SEP)
-        weight = weights.get(medium, 0.0) if sep else weights.get(GPU, 1.0)
+        if TIER_SEP not in endpoint_id:  # the GPU: most holders, no parsing
+            if gpu > best.get(endpoint_id, 0.0):
+                best[endpoint_id] = gpu
+            continue
+        candidate, _, medium = endpoint_id.partition(TIER_SEP)
+        weight = weights.get(medium, 0.0)
         if weight > best.get(candidate, 0.0):
             best[candidate] = weight
     return best
@@ -96,22 +101,24 @@ def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float
     medium (the run continues across tiers), and that run's weighted sum (a GPU block counts
     ``weights["GPU"]``, a CPU block ``weights["CPU"]``, ...). Candidates with no run are absent.
     """
+    if not hits:  # as matched_prefix answers an empty prompt
+        return dict.fromkeys(candidates, 0), dict.fromkeys(candidates, 0.0)
+    media = sorted(((w, m) for m, w in {GPU: 1.0, **weights}.items() if w > 0), key=lambda wm: -wm[0])
     matched: dict[str, int] = {}
     weighted: dict[str, float] = {}
-    active = {candidate: 0.0 for candidate in candidates}
-    depth = 0
-    for depth, holders in enumerate(hits):
-        best = best_weights(holders, weights, not_before)
-        still: dict[str, float] = {}
-        for candidate, total in active.items():
-            weight = best.get(candidate)
-            if weight:
-                still[candidate] = total + weight
-            elif depth:
-                matched[candidate], weighted[candidate] = depth, total
-        active = still
-        if not active:
-            return matched, weighted
-    for candidate, total in active.items():
-        matched[candidate], weighted[candidate] = len(hits), total
+    for candidate in candidates:
+        # Where to look, best medium first: a block held on several counts once, at its best.
+        keys = [(endpoint(candidate, medium), weight) for weight, medium in media]
+        total, run = 0.0, 0
+        for holders in hits:
+            for key, weight in keys:
+                at = holders.get(key)
+                if at is not None and at >= not_before:
+                    total += weight
+                    break
+            else:
+                break
+            run += 1
+        if run:
+            matched[candidate], weighted[candidate] = run, total
     return matched, weighted
