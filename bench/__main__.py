@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet", "remotetok", "redis_modes")
+PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet", "remotetok", "redis_modes", "tiers")
 
 
 def main() -> None:

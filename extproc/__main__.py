@@ -147,6 +147,7 @@ class Served:
         self.service.max_messages = new.limits.max_messages
         self.indexer.max_prompt_tokens = new.limits.max_prompt_tokens
         self.indexer.max_entry_age = new.index.max_entry_age
+        self.indexer.medium_weights = dict(new.tiers.medium_weights)
         self.readiness.reconfigure(require_index=new.health.require_index, interval=new.health.check_interval)
         self.checker.reconfigure(**_pod_health_settings(new))
         if new.pod_health.enabled != old.pod_health.enabled:
@@ -199,6 +200,7 @@ async def serve(config: Config, config_path: str | None = None) -> None:
         max_prompt_tokens=config.limits.max_prompt_tokens,
         speculation=Speculation(config.scoring.speculative_ttl),  # ttl 0: off, and a reload may turn it on
         remote=remote_tokenizer,
+        medium_weights=dict(config.tiers.medium_weights),
     )
     router = Router(pool, indexer, profile, metrics, decision_timeout=config.decision_timeout,
                     log_prompts=config.log_prompts)

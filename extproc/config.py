@@ -167,11 +167,19 @@ class PodConfig(_Section):
     """The pod's KV event publisher, e.g. tcp://10.0.0.5:5557 (vLLM --kv-events-config endpoint)."""
     kv_replay: str = ""
     """Its replay endpoint (vLLM replay_endpoint), to fill gaps instead of starting over."""
+    data_parallel_size: int = 1
+    """vLLM's --data-parallel-size behind this one address: each rank has its own KV cache and
+    publishes on kvEvents (and kvReplay) port + rank; requests are pinned to the rank holding
+    their prefix. Ranks that each serve their own address (external DP) are separate pods."""
 
     def __post_init__(self) -> None:
         _address("address", self.address)
         if not self.id:
             raise ValueError("id must not be empty")
+        if "#" in self.id or "|" in self.id:
+            raise ValueError(f"id must not contain '#' or '|' (they name ranks and tiers in the index), got {self.id!r}")
+        if not 1 <= self.data_parallel_size <= 1024:
+            raise ValueError(f"dataParallelSize must be between 1 and 1024, got {self.data_parallel_size}")
         for name, endpoint in (("kvEvents", self.kv_events), ("kvReplay", self.kv_replay)):
             if endpoint and "://" not in endpoint:
                 raise ValueError(f"{name} must be a ZMQ endpoint like tcp://host:5557, got {endpoint!r}")
@@ -190,9 +198,14 @@ class IngestConfig(_Section):
     pod_silence_timeout: Duration = Duration(0)
     """Drop a pod's entries after this long without events (0 = never: idle pods publish nothing)."""
     janitor_interval: Duration = Duration(60.0)
+    offload_chunk_blocks: int = 1
+    """vLLM's offloading connector without ``self_describing_kv_events`` names each offloaded
+    chunk by its last engine block only: a chunk covers this many engine blocks (its
+    ``blocks_per_chunk``, or ``block_size`` / --block-size; 1 is vLLM's default)."""
 
     def __post_init__(self) -> None:
         _positive("engineBlockSize", self.engine_block_size)
+        _positive("offloadChunkBlocks", self.offload_chunk_blocks)
         _positive("replayTimeout", self.replay_timeout)
         _positive("janitorInterval", self.janitor_interval)
         if self.pod_silence_timeout < 0:
@@ -312,6 +325,30 @@ class PrefixStoreConfig(_Section):
                             ("maxEntries", self.max_entries), ("maxPrompts", self.max_prompts),
                             ("maxPodMappings", self.max_pod_mappings)):
             _positive(name, value)
+
+
+DEFAULT_MEDIUM_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.25}
+"""Measured on the fleet simulator (python -m bench.tiers): see README, KV tiers."""
+_MEDIUM = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class TiersConfig(_Section):
+    """KV tiers (vLLM's ``medium``: GPU, CPU, STORAGE, ...): what a cached block is worth by
+    where the pod holds it."""
+
+    medium_weights: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_MEDIUM_WEIGHTS))
+    """What one cached block counts for in the prefix score, by medium: a block in CPU memory
+    is reloaded, not recomputed, but not free. A medium not listed counts 0 (the run stops
+    there). GPU must be listed."""
+
+    def __post_init__(self) -> None:
+        for medium, weight in self.medium_weights.items():
+            if not _MEDIUM.match(medium) or medium != medium.upper():
+                raise ValueError(f"mediumWeights: {medium!r} is not an upper-case medium name like GPU or CPU")
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"mediumWeights.{medium} must be between 0 and 1, got {weight}")
+        if self.medium_weights.get("GPU", 0.0) <= 0.0:
+            raise ValueError("mediumWeights.GPU must be listed and above 0")
 
 
 class ScorerConfig(_Section):
@@ -482,6 +519,7 @@ class Config(_Section):
     tokenization: TokenizationConfig = TokenizationConfig()
     scoring: ScoringConfig = ScoringConfig()
     load: LoadConfig = LoadConfig()
+    tiers: TiersConfig = TiersConfig()
     limits: LimitsConfig = LimitsConfig()
     ingest: IngestConfig = IngestConfig()
     enable_pod_mapping_cache: bool = True
@@ -602,7 +640,7 @@ def load(path: str | Path | None) -> Config:
 # -- reloads ----------------------------------------------------------------------------
 
 LIVE_KEYS = (
-    "routingHeader", "decisionTimeout", "scoring", "limits.maxBodyBytes", "limits.maxMessages",
+    "routingHeader", "decisionTimeout", "scoring", "tiers", "limits.maxBodyBytes", "limits.maxMessages",
     "limits.maxPromptTokens", "index.maxEntryAge", "ingest.replayTimeout", "ingest.podSilenceTimeout",
     "ingest.janitorInterval", "cacheCleanupInterval", "logLevel", "logFormat", "logPrompts", "health",
     "podHealth", "shutdownDelay", "reloadInterval", "models", "pods",

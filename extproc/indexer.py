@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
+from .endpoints import best_weights, tiered_prefix
 from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.speculation import Speculation
@@ -52,6 +53,9 @@ class PrefixMatch:
     """The prompt's block keys (for speculative owners once a pod is chosen)."""
     prompt_tokens: int = 0
     """Tokens of the prompt (estimated past the blocks that can match)."""
+    weighted: dict[str, float] | None = None
+    """pod id -> its run weighted by where each block is held (tiers.mediumWeights); None
+    when the indexer weighs no tiers."""
 
 
 def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
@@ -100,6 +104,9 @@ class Indexer:
     speculation: Speculation | None = None
     remote: RemoteTokenizer | None = None
     """Engines' /tokenize, for ``tokenizer: remote`` models (and remoteFallback)."""
+    medium_weights: dict[str, float] | None = None
+    """Weights of KV tiers (endpoints.tiered_prefix): a run continues across tiers. None: GPU
+    presence only, every block counting 1."""
     _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
 
     def keys(self, tokens: Sequence[int], parent: int | None = None, max_blocks: int | None = None) -> list[int]:
@@ -157,9 +164,15 @@ class Indexer:
         hits, degraded = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
-        matched = matched_prefix(hits, pod_ids, self._not_before())
+        matched, weighted = self._runs(hits, pod_ids)
         timings["score"] = time.perf_counter() - t3
-        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total)
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
+
+    def _runs(self, hits: Sequence[PodTimes], pod_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, float] | None]:
+        """Each pod's run of blocks from the first, and (with tiers) that run weighted by medium."""
+        if self.medium_weights is None:
+            return matched_prefix(hits, pod_ids, self._not_before()), None
+        return tiered_prefix(hits, pod_ids, self.medium_weights, self._not_before())
 
     def routed(self, model: str, keys: list[int], pod: str, held: int) -> None:
         """The request went to ``pod``, which held its first ``held`` blocks: it will hold the rest soon."""
@@ -198,9 +211,9 @@ class Indexer:
         hits, degraded = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
-        matched = matched_prefix(hits, pod_ids, self._not_before())
+        matched, weighted = self._runs(hits, pod_ids)
         timings["score"] = time.perf_counter() - t3
-        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total)
+        return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
         """(keys and counts, cache outcome, estimated prompt tokens), through the prefix store."""
@@ -268,7 +281,11 @@ class Indexer:
         for depth, holders in enumerate(known):
             if holders is None:
                 break
-            active = [p for p in active if p in holders and holders[p] >= not_before]
+            if self.medium_weights is None:
+                active = [p for p in active if p in holders and holders[p] >= not_before]
+            else:  # a candidate holds the block on some weighted tier
+                best = best_weights(holders, self.medium_weights, not_before)
+                active = [p for p in active if best.get(p)]
             if not active:
                 return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
         else:

@@ -39,12 +39,14 @@ class EngineLoad:
     """Monotonic time of the scrape."""
 
 
-def parse_metrics(text: str, at: float) -> EngineLoad | None:
-    """The three numbers from a Prometheus text exposition; None if it has no queue metric."""
+def parse_metrics(text: str, at: float, engine: int | None = None) -> EngineLoad | None:
+    """The three numbers from a Prometheus text exposition; None if it has no queue metric.
+    ``engine``: only that data-parallel rank's series (vLLM labels them engine="<rank>")."""
     waiting = running = kv = 0.0
     seen = False
+    label = f'engine="{engine}"' if engine is not None else None
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        if not line.startswith("vllm:") or (label is not None and label not in line):
             continue
         brace, space = line.find("{"), line.find(" ")
         if brace != -1 and (space == -1 or brace < space):
@@ -136,7 +138,7 @@ class LoadScraper:
                     self.metrics.load_scrape_errors.labels(pod.id).inc()
                 log.debug("pod %s: /metrics not read: %s", pod.id, exc)
                 return
-        load = parse_metrics(text, time.monotonic())
+        load = parse_metrics(text, time.monotonic(), pod.rank)
         if load is not None:
             record(pod, load)
 

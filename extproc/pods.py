@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import PodConfig
+from .endpoints import candidates_of
 
 if TYPE_CHECKING:
     from .load import EngineLoad
@@ -31,6 +32,9 @@ class Pod:
     """The engine's own load, last scraped (load.py); None while unknown or stale."""
     in_flight_at_scrape: int = 0
     """This replica's own requests open here when the engine was read (its reading counts them)."""
+    rank: int | None = None
+    """The data-parallel rank this candidate is, behind its pod's one address (vLLM
+    --data-parallel-size): requests are pinned to it with vLLM's X-data-parallel-rank header."""
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""
@@ -54,10 +58,13 @@ class PodPool:
             self.models = frozenset(models)
         fresh: dict[str, Pod] = {}
         for conf in pods:
-            pod = self._pods.get(conf.id) or Pod(conf.id, conf.address)
-            pod.address = conf.address
-            pod.models = frozenset(conf.models)
-            fresh[conf.id] = pod
+            # A pod with data-parallel ranks is one candidate per rank (pod-a#0, pod-a#1, ...).
+            for candidate, rank in candidates_of(conf.id, conf.data_parallel_size):
+                pod = self._pods.get(candidate) or Pod(candidate, conf.address)
+                pod.address = conf.address
+                pod.models = frozenset(conf.models)
+                pod.rank = rank
+                fresh[candidate] = pod
         self._pods = fresh
 
     def __len__(self) -> int:

@@ -34,8 +34,11 @@ def _set(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, raw_value=value.encode()))
 
 
-def _route_mutation(header: str, address: str, remove: tuple[str, ...] = ()) -> CommonResponse:
-    mutation = HeaderMutation(set_headers=[_set(header, address)], remove_headers=[n for n in remove if n != header])
+def _route_mutation(header: str, address: str, remove: tuple[str, ...] = (),
+                    extra: tuple[tuple[str, str], ...] = ()) -> CommonResponse:
+    names = {header, *(name for name, _ in extra)}
+    mutation = HeaderMutation(set_headers=[_set(header, address), *(_set(n, v) for n, v in extra)],
+                              remove_headers=[n for n in remove if n not in names])
     return CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
 
@@ -58,24 +61,25 @@ RESPONSE_BODY_CONTINUE = bytes(ProcessingResponse(response_body=BodyResponse()))
 
 
 @lru_cache(maxsize=4096)
-def body_route(header: str, address: str) -> bytes:
-    """BUFFERED mode: route from the body answer (Envoy still holds the headers then)."""
+def body_route(header: str, address: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """BUFFERED mode: route from the body answer (Envoy still holds the headers then);
+    ``extra`` headers go upstream too (a data-parallel rank)."""
     return bytes(
         ProcessingResponse(
-            request_body=BodyResponse(response=_route_mutation(header, address)),
+            request_body=BodyResponse(response=_route_mutation(header, address, (), extra)),
             dynamic_metadata=_lb_metadata(header, address),
         )
     )
 
 
 @lru_cache(maxsize=4096)
-def headers_route(header: str, address: str, remove: tuple[str, ...]) -> bytes:
+def headers_route(header: str, address: str, remove: tuple[str, ...], extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """FULL_DUPLEX_STREAMED mode: the held headers answer, sent once the body is complete.
 
     No Content-Length: Envoy 1.40 drops it in this mode whatever we set, and forwards the
     body chunked (envoyproxy/envoy#39035), which vLLM's HTTP server accepts.
     """
-    common = _route_mutation(header, address, remove)
+    common = _route_mutation(header, address, remove, extra)
     return bytes(
         ProcessingResponse(request_headers=HeadersResponse(response=common), dynamic_metadata=_lb_metadata(header, address))
     )

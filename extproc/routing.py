@@ -107,7 +107,8 @@ class Router:
         if match.degraded:
             self.metrics.index_errors.inc()
             self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
-        context = Context(request, match.matched, match.total_blocks, self.indexer.block_size, match.prompt_tokens)
+        context = Context(request, match.matched, match.total_blocks, self.indexer.block_size, match.prompt_tokens,
+                          match.weighted)
         decision = self.profile.decide(context, candidates)
         self.indexer.routed(request.model, match.keys, decision.pod.id, decision.matched_blocks)
         elapsed = time.perf_counter() - started

@@ -35,6 +35,9 @@ log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 CLIENT_HEADER_PREFIX = "x-kv-"
+RANK_HEADER = "x-data-parallel-rank"
+"""vLLM (0.11.0 and later) pins a request to this data-parallel rank of the engine (read
+case-insensitively by ``_get_data_parallel_rank``); set by us only, a client's is dropped."""
 
 
 class ExtProcService:
@@ -115,7 +118,7 @@ class _Stream:
                 path = _value(header)
             elif key == ":method":
                 method = _value(header)
-            elif key.startswith(CLIENT_HEADER_PREFIX):
+            elif key.startswith(CLIENT_HEADER_PREFIX) or key == RANK_HEADER:
                 remove.append(key)
         self.path = path
         self.remove = tuple(remove)
@@ -158,17 +161,29 @@ class _Stream:
             self.svc.metrics.requests.labels("rejected" if exc.status < 500 else "unavailable").inc()
             return [responses.immediate(exc.status, exc.body(), f"kv-extproc: {exc.message}")]
         address = None
+        extra: tuple[tuple[str, str], ...] = ()
         if decision is not None:
             self.pod = decision.pod
             self.pod.in_flight += 1
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
+            if self.pod.rank is not None:
+                extra = ((RANK_HEADER, str(self.pod.rank)),)
             if self.svc.fallback_endpoints and decision.alternates:
-                address = ",".join([address, *(p.address for p in decision.alternates[:self.svc.fallback_endpoints])])
+                # Retries go to other addresses (another rank of the same pod is no fallback:
+                # the same address). A retry must not carry the rank; see envoy/envoy.yaml.
+                listed = [address]
+                for alternate in decision.alternates:
+                    if len(listed) > self.svc.fallback_endpoints:
+                        break
+                    if alternate.address not in listed:
+                        listed.append(alternate.address)
+                address = ",".join(listed)
         header = self.svc.routing_header
         if not self.full_duplex:
-            return [responses.body_route(header, address) if address else responses.BODY_CONTINUE]
-        held = responses.headers_route(header, address, self.remove) if address else responses.headers_continue(self.remove)
+            return [responses.body_route(header, address, extra) if address else responses.BODY_CONTINUE]
+        held = (responses.headers_route(header, address, self.remove, extra) if address
+                else responses.headers_continue(self.remove))
         answers = [held, *responses.body_chunks(body, end_of_stream=end_of_stream)]
         self.headers_held = False
         return answers

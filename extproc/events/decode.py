@@ -8,6 +8,11 @@ Fields with defaults may be omitted and new fields keep appearing, so events are
 generically (msgspec, in C) and read by position or by name, never by exact shape.
 Block hashes are unsigned 64-bit ints (can exceed 2**63) or 32 raw bytes.
 
+Tiers: ``medium`` (None = GPU; upper-cased) says which cache an event is about. vLLM's
+offloading connector announces offloaded chunks either with their tokens (``self_describing_kv_events``)
+or as placeholders (no tokens, ``block_size`` 0, the chunk's last block hash only); both are
+read, only off the GPU.
+
 Events are also validated here, so nothing past this module meets a value it cannot use
 (a token id that does not fit 32 bits once stopped a pod's feed for good): an event that
 is well-formed msgpack but not a usable vLLM event becomes a ``RejectedEvent`` with a
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import msgspec
+
+from ..endpoints import GPU, MEDIUM_PATTERN, medium_of
 
 EngineHash = Union[int, bytes]
 
@@ -44,6 +51,12 @@ class BlockStored:
     medium: str | None = None
     group_idx: int | None = None
     kv_cache_spec_kind: str | None = None
+
+    @property
+    def placeholder(self) -> bool:
+        """An offloaded chunk named by its last block only (no tokens): the blocks are known
+        from the GPU's own events, if at all."""
+        return not self.token_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +170,17 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _medium(f: dict[str, Any], *, lossy: bool = False) -> str | None:
+    """None when omitted (the GPU); upper case otherwise, and id-safe (it becomes part of an
+    endpoint id)."""
+    value = f.get("medium")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not MEDIUM_PATTERN.match(value):
+        raise _Reject("medium", "medium must be a short name of letters, digits, '_', '.' or '-'", lossy=lossy)
+    return medium_of(value)
+
+
 def _opt_int(f: dict[str, Any], name: str, *, lossy: bool = False) -> int | None:
     value = f.get(name)
     if value is None:
@@ -192,14 +216,21 @@ def _stored(f: dict[str, Any], block_size: int | None) -> BlockStored:
         parent = _hash(parent, "parent_block_hash")
         if parent in hashes:
             raise _Reject("parent", "a block is its own ancestor")
+    medium = _medium(f)
+    tokens = f.get("token_ids")
+    if not isinstance(tokens, list):
+        raise _Reject("token_ids", "token_ids must be a list")
     size = f.get("block_size")
+    if not tokens and medium_of(medium) != GPU:
+        # vLLM's offloading placeholder: block_size 0, no tokens, no parent worth reading.
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _Reject("block_size", "block_size must be an int")
+        return BlockStored(hashes, None, [], size, _lora_name(f), medium, _opt_int(f, "group_idx"),
+                           _opt_str(f.get("kv_cache_spec_kind")))
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise _Reject("block_size", "block_size must be a positive int")
     if block_size is not None and size != block_size:
         raise _Reject("block_size", f"block_size {size}, configured engineBlockSize {block_size}")
-    tokens = f.get("token_ids")
-    if not isinstance(tokens, list):
-        raise _Reject("token_ids", "token_ids must be a list")
     try:
         array("I", tokens)  # C-speed check: ints in 0..2**32-1
     except (OverflowError, TypeError) as exc:
@@ -214,7 +245,7 @@ def _stored(f: dict[str, Any], block_size: int | None) -> BlockStored:
         token_ids=tokens,
         block_size=size,
         lora_name=_lora_name(f),
-        medium=_opt_str(f.get("medium")),
+        medium=medium,
         group_idx=_opt_int(f, "group_idx"),
         kv_cache_spec_kind=kind,
     )
@@ -231,7 +262,7 @@ def _removed(f: dict[str, Any]) -> BlockRemoved:
             hashes.append(_hash(value))
         except _Reject:
             pass  # no stored block has such a hash, so none is left behind
-    return BlockRemoved(hashes, _opt_str(f.get("medium")), _opt_int(f, "group_idx", lossy=True))
+    return BlockRemoved(hashes, _medium(f, lossy=True), _opt_int(f, "group_idx", lossy=True))
 
 
 def _event(raw: Any, block_size: int | None = None) -> Event:

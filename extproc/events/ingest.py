@@ -13,7 +13,8 @@ import logging
 
 import zmq.asyncio
 
-from ..config import Config
+from ..config import Config, PodConfig
+from ..endpoints import candidates_of, rank_endpoint, split
 from ..index import BlockIndex, IndexUnavailable
 from ..metrics import Metrics
 from ..supervise import Supervisor
@@ -22,6 +23,19 @@ from .sequencing import Feed, Sequencer, pod_model
 from .transport import Transport, fetch_replay
 
 log = logging.getLogger("extproc.events")
+
+def feeds_of(config: Config) -> dict[str, tuple[PodConfig, str, str, int | None]]:
+    """candidate id -> (pod, KV events endpoint, replay endpoint, rank): one feed per pod,
+    or per data-parallel rank (each publishes on its own port, as vLLM offsets it)."""
+    wanted = {}
+    for pod in config.pods:
+        if not (pod.kv_events or config.ingest.bind):
+            continue
+        for candidate, rank in candidates_of(pod.id, pod.data_parallel_size):
+            wanted[candidate] = (pod, rank_endpoint(pod.kv_events, rank or 0), rank_endpoint(pod.kv_replay, rank or 0),
+                                 rank)
+    return wanted
+
 
 INDEX_WATCH_INTERVAL = 1.0
 """How often the index's epoch marker is checked (a Redis restarted empty is rebuilt within
@@ -44,9 +58,8 @@ class Ingester:
         self._orphans: set[str] = set()
         """Pods removed from the config whose purge could not reach the index yet."""
         self._epoch: str | None = None
-        for pod in config.pods:
-            if pod.kv_events or config.ingest.bind:
-                self.sequencer.new_feed(pod.id, pod_model(pod, config), pod.kv_events, pod.kv_replay)
+        for candidate, (pod, events, replay, rank) in feeds_of(config).items():
+            self.sequencer.new_feed(candidate, pod_model(pod, config), events, replay, rank)
 
     @property
     def feeds(self) -> dict[str, Feed]:
@@ -61,11 +74,12 @@ class Ingester:
 
     async def start(self) -> None:
         """Adopt persisted engine maps, drop pods no longer configured, start listening."""
-        configured = {pod.id for pod in self.config.pods}
+        configured = {c for pod in self.config.pods for c, _ in candidates_of(pod.id, pod.data_parallel_size)}
         self._epoch = await self._read_epoch()
-        for pod in await self._pods_in_index():
-            if pod not in configured:
-                await self._drop_removed(pod)
+        # Endpoint ids in the index are candidates (a pod or one rank of it) and their tiers.
+        for candidate in sorted({split(e)[0] for e in await self._pods_in_index()}):
+            if candidate not in configured:
+                await self._drop_removed(candidate)
         for feed in self.feeds.values():
             await self._start_feed(feed)
         if self.config.ingest.bind:
@@ -101,26 +115,25 @@ class Ingester:
         await self.supervisor.stop(name)
         self.transport.close(pod)
         if feed is not None:
-            feed.tracker.clear()
+            feed.clear()
 
     async def reconfigure(self, config: Config) -> None:
         """Adopt a reloaded config: new pods are subscribed, removed pods dropped from the index;
         the sequencer, janitor and replay settings follow at once."""
         self.config = self.sequencer.config = config
         self.janitor.reconfigure(config)
-        wanted = {pod.id: pod for pod in config.pods if pod.kv_events or config.ingest.bind}
+        wanted = feeds_of(config)
         for pod_id in list(self.feeds):
-            pod = wanted.get(pod_id)
+            want = wanted.get(pod_id)
             feed = self.feeds[pod_id]
-            if pod is None or (pod.kv_events, pod.kv_replay) != (feed.endpoint, feed.replay):
+            if want is None or want[1:3] != (feed.endpoint, feed.replay):
                 await self._stop_feed(pod_id)
-                if pod is None:
+                if want is None:
                     await self._drop_removed(pod_id)
-        for pod_id, pod in wanted.items():
+        for pod_id, (pod, events, replay, rank) in wanted.items():
             if pod_id not in self.feeds:
                 self._orphans.discard(pod_id)
-                await self._start_feed(self.sequencer.new_feed(pod_id, pod_model(pod, config), pod.kv_events,
-                                                               pod.kv_replay))
+                await self._start_feed(self.sequencer.new_feed(pod_id, pod_model(pod, config), events, replay, rank))
 
     async def _drop_removed(self, pod: str) -> None:
         async with self.sequencer.lock(pod):

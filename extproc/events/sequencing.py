@@ -5,6 +5,11 @@ endpoint when it has one; otherwise (or if the replay cannot cover it) the pod's
 are dropped and rebuilt from new events, never left half true. A sequence that starts
 again means the engine restarted with an empty cache: its old entries are dropped first.
 
+Tiers: a BlockStored or BlockRemoved naming a medium other than the GPU (vLLM's offloading
+connector) updates that tier's presence only, under the endpoint ``{pod}|{medium}``
+(endpoints.py); AllBlocksCleared, emitted by the engine's GPU block pool, clears the GPU's.
+A restart, a gap nothing fills or a purge drops every tier of the pod.
+
 No sockets here: frames come in from the transport, replays are fetched through a
 function it provides, so every rule can be tested with plain lists of frames.
 """
@@ -18,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..config import Config, PodConfig
+from ..endpoints import GPU, belongs_to, endpoint, split
 from ..index import BlockIndex, IndexUnavailable, Writes
 from ..metrics import Metrics
 from ..logs import ThrottledLog
@@ -34,6 +40,12 @@ from .decode import (
 from .tracker import PodTracker
 
 log = logging.getLogger("extproc.events")
+
+PREFIX_KINDS = frozenset({None, "full_attention", "mla_attention", "sink_full_attention"})
+"""KV cache groups whose blocks make a prefix (kv_cache_spec_kind; None: a release that does
+not say, or a model with one group). Sliding-window, chunked-local and mamba groups keep only
+the last blocks of a window or a state at a few points: their blocks never extend a cached
+prefix, and their removals must not shorten one (see README, Hybrid models)."""
 
 ReplayFetcher = Callable[["Feed", int], Awaitable["list[tuple[int, bytes]] | None"]]
 """(feed, first seq) -> every buffered (seq, payload) from there on, sorted; None if the pod did not answer."""
@@ -60,6 +72,64 @@ class Feed:
     unsynced: str | None = None
     """Its entries must be dropped but the index could not be reached (the reason): no event
     is applied until a resync succeeds (retried by the ingester's index watch)."""
+    tiers: dict[str, PodTracker] = field(default_factory=dict)
+    """medium -> the tracker of the blocks offloaded there (CPU, STORAGE, ...)."""
+    rank: int | None = None
+    """The data-parallel rank this feed is (its batches name it), None for a pod without ranks."""
+    group_kinds: dict[int, str] = field(default_factory=dict)
+    """group_idx -> kv_cache_spec_kind, as BlockStored events announce them (removals name the
+    group only)."""
+
+    def prefix_group(self, group_idx: int | None, kind: str | None = None) -> bool:
+        """Whether blocks of this KV cache group make the prefix the index keeps."""
+        if kind is not None and group_idx is not None:
+            self.group_kinds[group_idx] = kind
+        elif group_idx is not None:
+            kind = self.group_kinds.get(group_idx)
+        return kind in PREFIX_KINDS
+
+    def tier(self, medium: str) -> PodTracker:
+        tracker = self.tiers.get(medium)
+        if tracker is None:
+            gpu = self.tracker
+            tracker = self.tiers[medium] = PodTracker(endpoint(self.pod, medium), gpu.model, gpu.router_block,
+                                                      gpu.max_blocks, gpu.scheme, fallback=gpu, refcounted=True)
+        return tracker
+
+    def clear(self) -> None:
+        """Forget every tier's blocks (the index entries are dropped by the caller)."""
+        self.tracker.clear()
+        for tracker in self.tiers.values():
+            tracker.clear()
+
+
+class FeedWrites:
+    """One feed's index changes, per endpoint: the GPU's (the pod id) and each tier's."""
+
+    __slots__ = ("by_endpoint", "_at")
+
+    def __init__(self) -> None:
+        self.by_endpoint: dict[str, Writes] = {}
+        self._at = 0.0
+
+    @property
+    def at(self) -> float:
+        return self._at
+
+    @at.setter
+    def at(self, value: float) -> None:
+        self._at = value
+        for writes in self.by_endpoint.values():
+            writes.at = value
+
+    def of(self, tracker: PodTracker) -> Writes:
+        writes = self.by_endpoint.get(tracker.pod)
+        if writes is None:
+            writes = self.by_endpoint[tracker.pod] = Writes(at=self._at)
+        return writes
+
+    def __bool__(self) -> bool:
+        return any(self.by_endpoint.values())
 
 
 def pod_model(pod: PodConfig, config: Config) -> str:
@@ -82,11 +152,11 @@ class Sequencer:
         self._locks: dict[str, asyncio.Lock] = {}
         self._warn = ThrottledLog(log, 10.0)
 
-    def new_feed(self, pod: str, model: str, endpoint: str = "", replay: str = "") -> Feed:
+    def new_feed(self, pod: str, model: str, endpoint: str = "", replay: str = "", rank: int | None = None) -> Feed:
         tracker = PodTracker(
             pod, model, self.config.block_size_to_hash, self.config.max_blocks_to_match, self.config.hash_scheme
         )
-        feed = self.feeds[pod] = Feed(pod, tracker, endpoint, replay)
+        feed = self.feeds[pod] = Feed(pod, tracker, endpoint, replay, rank=rank)
         return feed
 
     def lock(self, pod: str) -> asyncio.Lock:
@@ -108,6 +178,10 @@ class Sequencer:
         """Adopt the pod's persisted engine map, so removals of blocks stored before we started apply."""
         try:
             feed.tracker.load(await self.index.load_engine_map(feed.pod))
+            for endpoint_id in sorted(await self.index.pods()):
+                candidate, medium = split(endpoint_id)
+                if candidate == feed.pod and medium != GPU:
+                    feed.tier(medium).load(await self.index.load_engine_map(endpoint_id))
         except IndexUnavailable as exc:
             log.warning("pod %s: engine map not loaded (%s); its old blocks cannot be removed", feed.pod, exc)
 
@@ -123,7 +197,7 @@ class Sequencer:
             if feed.unsynced is not None:
                 self.metrics.events_dropped.inc(len(frames_list))
                 return  # nothing applies before the pending resync (index watch) succeeds
-            writes = Writes()
+            writes = FeedWrites()
             block_size = self.config.ingest.engine_block_size
             for frames in frames_list:
                 try:
@@ -150,25 +224,48 @@ class Sequencer:
                 feed.last_seq = message.seq
             await self._flush(feed, writes)
 
-    async def _apply(self, feed: Feed, batch: EventBatch, writes: Writes) -> Writes:
+    def _tracker(self, feed: Feed, medium: str | None) -> PodTracker:
+        return feed.tracker if medium is None or medium == GPU else feed.tier(medium)
+
+    async def _apply(self, feed: Feed, batch: EventBatch, writes: FeedWrites) -> FeedWrites:
         writes.at = batch.ts
         self.metrics.ingest_lag.observe(max(0.0, time.time() - batch.ts))
+        if feed.rank is not None and batch.data_parallel_rank not in (None, feed.rank):
+            # Another rank's events on this rank's port: the pod's ports are not what its
+            # config says; applying them would pull requests to the wrong rank.
+            self._rejected(feed, RejectedEvent("EventBatch", "rank",
+                                               f"events of rank {batch.data_parallel_rank} on the feed of rank {feed.rank}"))
+            return writes
         for event in batch.events:
             if isinstance(event, BlockStored):
                 self.metrics.events.labels("BlockStored").inc()
-                if event.kv_cache_spec_kind == "sliding_window":
-                    continue  # evicted as the window slides: never a prefix hit
+                if not feed.prefix_group(event.group_idx, event.kv_cache_spec_kind):
+                    continue  # a sliding window's or a mamba state's blocks: no prefix of their own
+                tracker = self._tracker(feed, event.medium)
+                if event.placeholder:
+                    # An offloaded chunk named by its last block: its blocks are the GPU's.
+                    chunk = self.config.ingest.offload_chunk_blocks
+                    for block_hash in event.block_hashes:
+                        if not tracker.stored_chunk(block_hash, event.group_idx, chunk, writes.of(tracker)):
+                            self._rejected(feed, RejectedEvent("BlockStored", "unknown_chunk",
+                                                               "an offloaded chunk whose blocks the GPU never announced"))
+                    continue
                 try:
-                    feed.tracker.stored(event, writes)
+                    tracker.stored(event, writes.of(tracker))
                 except ValueError as exc:
                     self._rejected(feed, RejectedEvent("BlockStored", "block_size", str(exc)))
             elif isinstance(event, BlockRemoved):
                 self.metrics.events.labels("BlockRemoved").inc()
-                feed.tracker.removed(event, writes)
+                if not feed.prefix_group(event.group_idx):
+                    continue
+                tracker = self._tracker(feed, event.medium)
+                tracker.removed(event, writes.of(tracker))
             elif isinstance(event, AllBlocksCleared):
+                # Emitted by the engine's GPU block pool: what is offloaded stays (a connector
+                # reset is announced by no event at all; see README, KV tiers).
                 self.metrics.events.labels("AllBlocksCleared").inc()
                 writes = await self._flush(feed, writes)
-                await self._purge_feed(feed, "cleared")
+                await self._purge_feed(feed, "cleared", gpu_only=True)
                 writes.at = batch.ts
             else:
                 self._rejected(feed, event)
@@ -184,19 +281,21 @@ class Sequencer:
         self._warn.warning(f"{feed.pod}/{event.reason}",
                            f"pod {feed.pod}: skipping a {event.kind} event ({event.reason}: {event.detail})")
 
-    async def _flush(self, feed: Feed, writes: Writes) -> Writes:
+    async def _flush(self, feed: Feed, writes: FeedWrites) -> FeedWrites:
         if writes and not feed.closed:
             try:
-                await self.index.apply(feed.pod, writes)
-                self.metrics.router_blocks_written.inc(len(writes.stored))
+                for endpoint_id, changes in writes.by_endpoint.items():
+                    if changes:
+                        await self.index.apply(endpoint_id, changes)
+                        self.metrics.router_blocks_written.inc(len(changes.stored))
             except IndexUnavailable as exc:
                 # Writes lost: the pod's entries would be half true, so start it over.
                 log.warning("pod %s: index write failed (%s); its entries will be dropped and rebuilt", feed.pod, exc)
                 self._unsynced(feed, "index_error")
-        return Writes()
+        return FeedWrites()
 
     def _unsynced(self, feed: Feed, reason: str) -> None:
-        feed.tracker.clear()
+        feed.clear()
         feed.last_seq = feed.skip_upto = None
         feed.unsynced = reason
 
@@ -240,7 +339,7 @@ class Sequencer:
         return True
 
     async def _apply_replies(self, feed: Feed, replies: list[tuple[int, bytes]]) -> None:
-        writes = Writes()
+        writes = FeedWrites()
         block_size = self.config.ingest.engine_block_size
         for seq, payload in replies:
             if feed.closed or feed.unsynced is not None:
@@ -296,24 +395,35 @@ class Sequencer:
 
     # -- dropping a pod --------------------------------------------------------------
 
-    async def _purge_feed(self, feed: Feed, reason: str, *, quiet: bool = False) -> bool:
-        """Drop a live feed's entries; a closed feed's are someone else's business now."""
+    async def _purge_feed(self, feed: Feed, reason: str, *, quiet: bool = False, gpu_only: bool = False) -> bool:
+        """Drop a live feed's entries (``gpu_only``: its GPU's, the tiers stay); a closed
+        feed's are someone else's business now."""
         if feed.closed:
             return False
-        ok = await self.purge(feed.pod, reason, quiet=quiet)
+        ok = await self.purge(feed.pod, reason, quiet=quiet, gpu_only=gpu_only)
         if ok:
             feed.unsynced = None
         return ok
 
-    async def purge(self, pod: str, reason: str, *, quiet: bool = False) -> bool:
-        """Drop every entry of the pod; False if the index could not be reached (the feed,
-        if any, is then marked unsynced so the purge is retried)."""
+    async def purge(self, pod: str, reason: str, *, quiet: bool = False, gpu_only: bool = False) -> bool:
+        """Drop every entry of the pod, every tier (``gpu_only``: the GPU's); False if the index
+        could not be reached (the feed, if any, is then marked unsynced so the purge is retried)."""
         self.metrics.pod_purges.labels(reason).inc()
         feed = self.feeds.get(pod)
         if feed is not None:
-            feed.tracker.clear()
+            if gpu_only:
+                feed.tracker.clear()
+            else:
+                feed.clear()
         try:
-            dropped = await self.index.purge_pod(pod)
+            endpoints = {pod}
+            if not gpu_only:
+                endpoints |= {e for e in await self.index.pods() if belongs_to(e, pod)}
+                if feed is not None:
+                    endpoints |= {tracker.pod for tracker in feed.tiers.values()}
+            dropped = 0
+            for endpoint_id in sorted(endpoints):
+                dropped += await self.index.purge_pod(endpoint_id)
         except IndexUnavailable as exc:
             log.warning("pod %s: purge failed (%s); retrying", pod, exc)
             if feed is not None and not feed.closed:

@@ -28,10 +28,14 @@ class Context:
     """Tokens per block."""
     prompt_tokens: int = 0
     """The prompt's tokens (estimated past the blocks that can match)."""
+    weighted: dict[str, float] | None = None
+    """pod id -> its run weighted by tier (GPU 1, CPU less, ...); None: every block counts 1."""
 
     def uncached_tokens(self, pod_id: str) -> int:
-        """Prompt tokens the pod would have to compute (prefill) for this request."""
-        return max(0, self.prompt_tokens - self.matched.get(pod_id, 0) * self.block_tokens)
+        """Prompt tokens the pod would have to compute (prefill) for this request; a block held
+        in a slower tier counts as its weight of a cached one."""
+        held = self.weighted.get(pod_id, 0.0) if self.weighted is not None else self.matched.get(pod_id, 0)
+        return max(0, round(self.prompt_tokens - held * self.block_tokens))
 
 
 @dataclass(slots=True)

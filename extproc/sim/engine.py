@@ -24,7 +24,8 @@ END_SEQ = (2**64 - 1).to_bytes(8, "big")
 
 class KVEventPublisher:
     def __init__(self, endpoint: str, *, replay_endpoint: str | None = None, topic: str = "kv-events",
-                 buffer_steps: int = 10_000, ctx: zmq.Context | None = None, bind: bool | None = None):
+                 buffer_steps: int = 10_000, ctx: zmq.Context | None = None, bind: bool | None = None,
+                 rank: int | None = None):
         self._ctx = ctx or zmq.Context.instance()
         self._lock = threading.Lock()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -37,6 +38,8 @@ class KVEventPublisher:
             self._pub.connect(endpoint)
         self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode() if bind else endpoint
         self.topic = topic.encode()
+        self.rank = rank
+        """data_parallel_rank of every batch (vLLM tags each rank's batches)."""
         self.seq = 0
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._encode = msgspec.msgpack.Encoder().encode
@@ -53,7 +56,7 @@ class KVEventPublisher:
 
     def publish(self, events: list[dict], *, ts: float | None = None, send: bool = True) -> int:
         """Publish one batch; ``send=False`` buffers it for replay but drops it on the wire (a lost message)."""
-        payload = self._encode([ts if ts is not None else time.time(), events, None])
+        payload = self._encode([ts if ts is not None else time.time(), events, self.rank])
         with self._lock:
             seq = self.seq
             self.seq += 1
@@ -97,14 +100,20 @@ class KVEventPublisher:
 
 
 def stored_event(hashes: Sequence[int], parent: int | None, tokens: Sequence[int], block_size: int,
-                 lora_name: str | None = None) -> dict:
+                 lora_name: str | None = None, medium: str = "GPU") -> dict:
     return {"type": "BlockStored", "block_hashes": list(hashes), "parent_block_hash": parent,
-            "token_ids": list(tokens), "block_size": block_size, "lora_id": None, "medium": "GPU",
+            "token_ids": list(tokens), "block_size": block_size, "lora_id": None, "medium": medium,
             "lora_name": lora_name}
 
 
-def removed_event(hashes: Sequence[int]) -> dict:
-    return {"type": "BlockRemoved", "block_hashes": list(hashes), "medium": "GPU"}
+def placeholder_event(last_hash: int, medium: str = "CPU") -> dict:
+    """vLLM's offloading connector without self_describing_kv_events: a chunk named by its last block."""
+    return {"type": "BlockStored", "block_hashes": [last_hash], "parent_block_hash": None, "token_ids": [],
+            "block_size": 0, "lora_id": None, "medium": medium, "lora_name": None}
+
+
+def removed_event(hashes: Sequence[int], medium: str = "GPU") -> dict:
+    return {"type": "BlockRemoved", "block_hashes": list(hashes), "medium": medium}
 
 
 CLEARED_EVENT = {"type": "AllBlocksCleared"}
@@ -164,6 +173,78 @@ class EngineCache:
         return [CLEARED_EVENT]
 
 
+class OffloadingEngineCache(EngineCache):
+    """An engine that also keeps blocks in CPU memory, as vLLM's OffloadingConnector does with
+    ``self_describing_kv_events``: every block of a prompt is written to the CPU tier (LRU of
+    ``cpu_blocks``), events name the medium; a prompt's run continues from the GPU into CPU
+    memory, and those blocks are loaded back onto the GPU instead of computed."""
+
+    def __init__(self, capacity_blocks: int = 4096, block_size: int = 16, seed: int | None = None, *,
+                 cpu_blocks: int = 16384):
+        super().__init__(capacity_blocks, block_size, seed)
+        self.cpu_capacity = cpu_blocks
+        self.cpu: OrderedDict[int, None] = OrderedDict()
+
+    def admit(self, tokens: Sequence[int]) -> tuple[int, list[dict]]:
+        gpu, cpu, events = self.admit_tiered(tokens)
+        return gpu + cpu, events
+
+    def admit_tiered(self, tokens: Sequence[int]) -> tuple[int, int, list[dict]]:
+        """Serve a prompt: (tokens cached on the GPU, tokens loaded from CPU memory, events)."""
+        hashes = self.hashes(tokens)
+        bs = self.block_size
+        with self.lock:
+            gpu = 0
+            while gpu < len(hashes) and hashes[gpu] in self.blocks:
+                self.blocks.move_to_end(hashes[gpu])
+                gpu += 1
+            cpu = gpu
+            while cpu < len(hashes) and hashes[cpu] in self.cpu:
+                cpu += 1
+            for h in hashes[gpu:]:
+                self.blocks[h] = None
+            keep = set(hashes)
+            evicted = self._evict(self.blocks, self.capacity, keep)
+            offload = [i for i, h in enumerate(hashes) if h not in self.cpu]
+            for h in hashes:
+                self.cpu[h] = None
+                self.cpu.move_to_end(h)
+            dropped = self._evict(self.cpu, self.cpu_capacity, keep)
+        events = []
+        if evicted:
+            events.append(removed_event(evicted))
+        if gpu < len(hashes):
+            events.append(stored_event(hashes[gpu:], hashes[gpu - 1] if gpu else None, tokens[gpu * bs : len(hashes) * bs],
+                                       bs))
+        if dropped:
+            events.append(removed_event(dropped, "CPU"))
+        start = 0
+        while start < len(offload):  # one event per run of consecutive blocks, as chunks chain
+            end = start
+            while end + 1 < len(offload) and offload[end + 1] == offload[end] + 1:
+                end += 1
+            first, last = offload[start], offload[end]
+            events.append(stored_event(hashes[first : last + 1], hashes[first - 1] if first else None,
+                                       tokens[first * bs : (last + 1) * bs], bs, medium="CPU"))
+            start = end + 1
+        return gpu * bs, (cpu - gpu) * bs, events
+
+    @staticmethod
+    def _evict(blocks: OrderedDict, capacity: int, keep: set[int]) -> list[int]:
+        evicted = []
+        while len(blocks) > capacity:
+            oldest = next(iter(blocks))
+            if oldest in keep:
+                break
+            del blocks[oldest]
+            evicted.append(oldest)
+        return evicted
+
+    def clear(self) -> list[dict]:
+        """vLLM's /reset_prefix_cache: the GPU's blocks go; what is offloaded stays."""
+        return super().clear()
+
+
 class SimulatedEngine:
     """What a vLLM pod does with its cache and its time per request.
 
@@ -188,7 +269,7 @@ class SimulatedEngine:
         self._prefill = threading.Lock()
         self._counts = threading.Lock()
 
-    def serve(self, path: str, body: bytes, first_token=None) -> int:
+    def serve(self, path: str, body: bytes, headers: dict[str, str] | None = None, first_token=None) -> int:
         """Returns how many of the prompt's tokens were already cached; calls ``first_token()``
         when the prefill is done (streaming answers send their first chunk then)."""
         try:
@@ -237,3 +318,47 @@ class SimulatedEngine:
         events = self.cache.clear()
         if self.publisher is not None:
             self.publisher.publish(events)
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+class DataParallelEngine:
+    """vLLM with --data-parallel-size N behind one address: N engines, each with its own cache
+    and publisher (port + rank, batches tagged with the rank). A request carrying
+    X-data-parallel-rank runs on that rank (vLLM 0.11.0+); without it, the ranks take turns
+    (vLLM balances by load). A rank outside 0..N-1 is refused, as vLLM refuses it."""
+
+    def __init__(self, ranks: list[SimulatedEngine]):
+        self.ranks = ranks
+        self.publisher = None
+        self.served_by: list[int] = []
+        """The rank of each request served, in order."""
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def serve(self, path: str, body: bytes, headers: dict[str, str] | None = None, first_token=None) -> int:
+        value = {k.lower(): v for k, v in (headers or {}).items()}.get("x-data-parallel-rank")
+        with self._lock:
+            if value is None:
+                rank, self._turn = self._turn % len(self.ranks), self._turn + 1
+            else:
+                rank = int(value)
+                if not 0 <= rank < len(self.ranks):
+                    raise ValueError(f"data_parallel_rank {rank} is out of range [0, {len(self.ranks)})")
+            self.served_by.append(rank)
+        return self.ranks[rank].serve(path, body, first_token=first_token)
+
+    def metrics_text(self) -> str:
+        """One set of vLLM metrics per rank, labelled by engine as vLLM labels them."""
+        return "".join(engine.metrics_text().replace('engine="0"', f'engine="{rank}"')
+                       for rank, engine in enumerate(self.ranks))
+
+    def reset(self) -> None:
+        for engine in self.ranks:
+            engine.reset()
+
+    def close(self) -> None:
+        for engine in self.ranks:
+            engine.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class SimulatedPod:
         self.on_request = on_request
         self.engine = engine
         self.received: list[Received] = []
+        self.down = False
+        """Set: every request's connection is dropped unanswered (a pod dying mid-request)."""
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -53,8 +56,8 @@ class SimulatedPod:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        if self.engine is not None and self.engine.publisher is not None:
-            self.engine.publisher.close()
+        if self.engine is not None:
+            self.engine.close()
 
     def record(self, item: Received) -> None:
         with self._lock:
@@ -141,7 +144,7 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
 
             first = lambda: self._chunk(event(piece(pod.pod_id, None)))  # noqa: E731
             if pod.engine is not None:
-                pod.engine.serve(self.path, body, first_token=first)
+                pod.engine.serve(self.path, body, dict(self.headers), first_token=first)
             else:
                 first()
             self._chunk(event(piece("", "stop")) + b"data: [DONE]\n\n")
@@ -165,6 +168,10 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, {"error": {"message": "not found"}})
 
         def do_POST(self) -> None:  # noqa: N802
+            if pod.down:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             body = self._read_body()
             pod.record(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
             if pod.on_request is not None:
@@ -173,7 +180,11 @@ def _handler_for(pod: SimulatedPod) -> type[BaseHTTPRequestHandler]:
                 if _wants_stream(body):
                     self._stream(body)
                     return
-                cached = pod.engine.serve(self.path, body) if pod.engine is not None else 0
+                try:
+                    cached = pod.engine.serve(self.path, body, dict(self.headers)) if pod.engine is not None else 0
+                except ValueError as exc:  # a data-parallel rank the engine does not have
+                    self._reply(400, {"error": {"message": str(exc), "type": "BadRequestError"}})
+                    return
                 self._reply(200, pod.completion(self.path, body),
                             {"x-body-sha256": hashlib.sha256(body).hexdigest(), "x-cached-tokens": str(cached)})
             elif self.path == "/reset_prefix_cache" and pod.engine is not None:

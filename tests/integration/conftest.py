@@ -232,9 +232,10 @@ class LoadLoop:
 
 @contextlib.contextmanager
 def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300, hosts_from: int = 5,
-                mode: str = "envoy.yaml", timing: dict | None = None, **extra):
+                mode: str = "envoy.yaml", cache=None, timing: dict | None = None, **extra):
     """Redis + three fake pods that keep a prefix cache and publish KV events + kv-extproc
     ingesting them (inside serve) + Envoy. Yields (redis, pods, kv-extproc, envoy).
+    ``cache``: makes each pod's engine cache (default: an EngineCache of ``capacity_blocks``);
     ``timing``: SimulatedEngine timing (prefill_tokens_per_s, decode_s) for load-realistic pods."""
     from extproc.sim.engine import EngineCache, KVEventPublisher, SimulatedEngine
     from extproc.requests import parse
@@ -246,7 +247,7 @@ def event_fleet(workdir, tokenizer, tokenizer_dir, *, capacity_blocks: int = 300
         host = f"127.0.0.{n + hosts_from}"
         engine = SimulatedEngine(
             lambda path, body: tokenize_with(tokenizer, parse(path, body)),
-            EngineCache(capacity_blocks=capacity_blocks, block_size=16),
+            cache() if cache is not None else EngineCache(capacity_blocks=capacity_blocks, block_size=16),
             KVEventPublisher(f"tcp://{host}:*"),
             **(timing or {}),
         )

@@ -54,6 +54,8 @@ def test_vllm_metrics_are_summed_over_engines():
     load = parse_metrics(VLLM_METRICS, 5.0)
     assert (load.waiting, load.running, load.kv_usage, load.at) == (4.0, 2.0, 0.42, 5.0)
     assert parse_metrics("# nothing of vLLM\nfoo 1\n", 1.0) is None
+    rank1 = parse_metrics(VLLM_METRICS, 5.0, engine=1)  # a data-parallel rank reads its own series
+    assert (rank1.waiting, rank1.running) == (1.0, 0.0)
 
 
 def test_the_default_profile_is_the_time_to_first_token_scorer():

@@ -238,7 +238,8 @@ async def test_adversarial_events_never_stop_the_feed_or_outlive_a_clear(batches
     tokens = list(range(1000, 1016))
     await f.seq.process(f.feed, [frame(seq, stored_event([9001, 9002, 9003, 9004], None, tokens, BLOCK))])
     assert await prefix_held(f, tokens) == [True, True]
-    # And nothing of the pod survives its engine clearing everything.
+    # And nothing of the pod's GPU survives its engine clearing it (AllBlocksCleared comes from
+    # the GPU's block pool: blocks an event put in another medium stay, see test_tiers).
     await f.seq.process(f.feed, [frame(seq + 1, {"type": "AllBlocksCleared"})])
-    assert await f.index.pods() == set()
+    assert {p for p in await f.index.pods() if "|" not in p} == set()
     assert not f.feed.tracker.blocks
