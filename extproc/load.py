@@ -131,6 +131,10 @@ class LoadScraper:
 
     async def _scrape(self, pod: Pod, limit: asyncio.Semaphore) -> None:
         async with limit:
+            # Ours the engine may count: those open when the scrape starts and any sent during it.
+            # (Counting too many of ours as the engine's underestimates the other replicas'
+            # share for one interval; too few would make our finished requests look like theirs.)
+            open_before, routed_before = pod.in_flight, pod.routed
             try:
                 text = await fetch(pod.address, self.path, self.timeout)
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
@@ -140,7 +144,7 @@ class LoadScraper:
                 return
         load = parse_metrics(text, time.monotonic(), pod.rank)
         if load is not None:
-            record(pod, load)
+            record(pod, load, ours=open_before + pod.routed - routed_before)
 
     def expire(self, pods: Iterable[Pod], now: float) -> None:
         """Forget engine numbers older than stale_after: unknown, not idle."""
@@ -149,7 +153,8 @@ class LoadScraper:
                 pod.engine = None
 
 
-def record(pod: Pod, load: EngineLoad) -> None:
-    """A fresh engine reading, which counts this replica's requests open at that moment."""
+def record(pod: Pod, load: EngineLoad, ours: int | None = None) -> None:
+    """A fresh engine reading, which counts ``ours`` of this replica's requests (default: those
+    open now)."""
     pod.engine = load
-    pod.in_flight_at_scrape = pod.in_flight
+    pod.in_flight_at_scrape = pod.in_flight if ours is None else ours

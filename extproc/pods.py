@@ -30,6 +30,8 @@ class Pod:
     """Monotonic time of the first failed health check in the current run of failures."""
     engine: "EngineLoad | None" = None
     """The engine's own load, last scraped (load.py); None while unknown or stale."""
+    routed: int = 0
+    """Requests this replica has sent here, ever (to tell which of ours a scrape may count)."""
     in_flight_at_scrape: int = 0
     """This replica's own requests open here when the engine was read (its reading counts them)."""
     rank: int | None = None

@@ -165,6 +165,7 @@ class _Stream:
         if decision is not None:
             self.pod = decision.pod
             self.pod.in_flight += 1
+            self.pod.routed += 1
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
             if self.pod.rank is not None:

@@ -75,6 +75,14 @@ def offloading_fleet(workdir, tokenizer, tokenizer_dir):
         yield parts
 
 
+def idle(proc) -> bool:
+    """kv-extproc's last readings of every engine show nothing running or waiting (the requests
+    served directly below are load the ttft scorer would rightly route around)."""
+    lines = [line for line in proc.metrics().splitlines()
+             if line.startswith(("kv_extproc_pod_engine_requests_running{", "kv_extproc_pod_engine_requests_waiting{"))]
+    return len(lines) == 6 and all(float(line.split()[-1]) == 0.0 for line in lines)
+
+
 def test_a_prefix_offloaded_to_cpu_still_attracts_and_ranks_below_one_on_a_gpu(offloading_fleet, tokenizer):
     server, pods, proc, proxy = offloading_fleet
     r = redis.Redis.from_url(server.url)
@@ -85,6 +93,7 @@ def test_a_prefix_offloaded_to_cpu_still_attracts_and_ranks_below_one_on_a_gpu(o
     for tenant in (2, 3):
         serve_directly(pods[first].engine, tenant)
     wait_until(lambda: first_block_holders(r, tokenizer, 1) == {f"{first}|CPU"}, what="the GPU copy evicted")
+    wait_until(lambda: idle(proc), what="an idle fleet in kv-extproc's engine readings")
     # Nobody holds it on a GPU: the CPU copy decides, and the engine reloads instead of computing.
     answered = [chat(proxy.url, 1, f"question {i}") for i in range(3)]
     assert [pod for pod, _ in answered] == [first] * 3
@@ -96,6 +105,7 @@ def test_a_prefix_offloaded_to_cpu_still_attracts_and_ranks_below_one_on_a_gpu(o
         serve_directly(pods[first].engine, tenant)
     wait_until(lambda: first_block_holders(r, tokenizer, 1) == {other, f"{other}|CPU", f"{first}|CPU"},
                what="tenant 1 on the other pod's GPU, on the first pod's CPU only")
+    wait_until(lambda: idle(proc), what="an idle fleet in kv-extproc's engine readings")
     assert [chat(proxy.url, 1, f"later {i}")[0] for i in range(3)] == [other] * 3
 
 

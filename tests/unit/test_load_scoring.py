@@ -238,3 +238,32 @@ async def test_the_scraper_reads_every_pods_metrics_endpoint():
     assert p.get("a").in_flight_at_scrape == 5, "the reading counts the requests we had open then"
     assert p.get("down").engine is None
     assert metrics.load_scrape_errors.labels("down")._value.get() >= 1
+
+
+async def test_our_request_that_came_and_went_during_a_scrape_is_not_taken_for_another_replicas():
+    """The engine counted it while its reading was taken; by the time the reading arrives the
+    request is done. It must not linger as someone else's load until the next scrape."""
+    pod_ref = {}
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        pod = pod_ref["pod"]
+        pod.in_flight += 1  # our request is routed and runs while the engine answers the scrape
+        pod.routed += 1
+        body = b'vllm:num_requests_waiting{engine="0"} 0.0\nvllm:num_requests_running{engine="0"} 1.0\n'
+        pod.in_flight -= 1  # ... and ends before the reading is recorded
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = PodPool([PodConfig(id="a", address=f"127.0.0.1:{port}")])
+    pod_ref["pod"] = p.get("a")
+    scraper = LoadScraper(p, interval=10, timeout=1)
+    try:
+        await scraper._scrape(p.get("a"), asyncio.Semaphore(1))
+    finally:
+        server.close()
+    assert p.get("a").engine.running == 1.0
+    assert load_of(p.get("a")) == 0, "the one running request was ours and is done"
