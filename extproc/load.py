@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import httpget
 from .pods import Pod, PodPool
 
 log = logging.getLogger("extproc.load")
@@ -69,43 +70,11 @@ def parse_metrics(text: str, at: float, engine: int | None = None) -> EngineLoad
 
 
 async def fetch(address: str, path: str, timeout: float) -> str:
-    """One HTTP/1.1 GET; the body as text. Raises OSError/TimeoutError/ValueError on failure."""
-    host, _, port = address.rpartition(":")
-    writer = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            status = (await reader.readline()).split()
-            if len(status) < 2 or not status[1].startswith(b"2"):
-                raise ValueError(f"status {status[1:2]}")
-            length = None
-            chunked = False
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                key, _, value = line.decode("latin-1").partition(":")
-                if key.lower() == "content-length":
-                    length = int(value)
-                elif key.lower() == "transfer-encoding" and "chunked" in value.lower():
-                    chunked = True
-            if chunked:
-                parts = []
-                while True:
-                    size = int((await reader.readline()).split(b";")[0], 16)
-                    if size == 0:
-                        break
-                    parts.append(await reader.readexactly(size))
-                    await reader.readline()
-                body = b"".join(parts)
-            else:
-                body = await (reader.readexactly(length) if length is not None else reader.read(MAX_METRICS_BYTES))
-        return body.decode("utf-8", "replace")
-    finally:
-        if writer is not None:
-            writer.close()
+    """The metrics page as text. Raises OSError/TimeoutError/ValueError on failure."""
+    status, body = await httpget.get(address, path, timeout, max_bytes=MAX_METRICS_BYTES)
+    if not 200 <= status < 300:
+        raise ValueError(f"status {status}")
+    return body.decode("utf-8", "replace")
 
 
 @dataclass

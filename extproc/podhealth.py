@@ -13,6 +13,7 @@ import time
 from dataclasses import KW_ONLY, dataclass, field
 from collections.abc import Awaitable, Callable
 
+from . import httpget
 from .index import IndexUnavailable
 from .pods import Pod, PodPool
 
@@ -20,22 +21,12 @@ log = logging.getLogger("extproc.podhealth")
 
 
 async def probe(address: str, path: str, timeout: float) -> bool:
-    """One HTTP/1.1 GET; healthy on a 2xx status line."""
-    host, _, port = address.rpartition(":")
-    writer = None
+    """Healthy on a 2xx status line."""
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            status = await reader.readline()
-        parts = status.split()
-        return len(parts) >= 2 and parts[1].startswith(b"2")
+        status, _ = await httpget.get(address, path, timeout)
     except (OSError, TimeoutError, ValueError):
         return False
-    finally:
-        if writer is not None:
-            writer.close()
+    return 200 <= status < 300
 
 
 @dataclass
