@@ -243,12 +243,22 @@ def _tls_cli(tls: Pki | None) -> list[str]:
     return ["--tls", "--cacert", str(tls.ca), "--cert", str(tls.client_cert), "--key", str(tls.client_key)]
 
 
+def _listen(port: int, tls: Pki | None, *, cluster: bool = False) -> list[tuple[str, str]]:
+    """Where a node listens, as (directive, value) pairs: ``port``, or with ``tls`` TLS only
+    (clients, replication, Sentinel links and with ``cluster`` the bus; client certificates required)."""
+    if tls is None:
+        return [("port", str(port))]
+    return [("port", "0"), ("tls-port", str(port)), ("tls-cert-file", str(tls.server_cert)),
+            ("tls-key-file", str(tls.server_key)), ("tls-ca-cert-file", str(tls.ca)),
+            *([("tls-cluster", "yes")] if cluster else []), ("tls-replication", "yes")]
+
+
+def _as_argv(directives: list[tuple[str, str]]) -> list[str]:
+    return [arg for name, value in directives for arg in (f"--{name}", value)]
+
+
 def _node_argv(port: int, directory: Path, password: str | None, tls: Pki | None = None) -> list[str]:
-    listen = ["--port", str(port)]
-    if tls is not None:  # TLS only: clients, the cluster bus and replication (client certificates required)
-        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.server_cert), "--tls-key-file",
-                  str(tls.server_key), "--tls-ca-cert-file", str(tls.ca), "--tls-cluster", "yes",
-                  "--tls-replication", "yes"]
+    listen = _as_argv(_listen(port, tls, cluster=True))
     argv = [launcher.redis_binary(), "--bind", "127.0.0.1", *listen, "--cluster-enabled", "yes",
             "--cluster-port", str(low_port()),
             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000", "--save", "",
@@ -310,6 +320,7 @@ class SentinelSetup:
     replica: Node
     sentinels: list[Node]
     password: str | None = None
+    tls: Pki | None = None
 
     @property
     def sentinel_addresses(self) -> list[str]:
@@ -317,10 +328,11 @@ class SentinelSetup:
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=5,
-                           socket_connect_timeout=2)
+                           socket_connect_timeout=2, **_tls_client(self.tls))
 
     def sentinel_client(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, socket_connect_timeout=2,
+                           **_tls_client(self.tls))
 
     def current_primary(self) -> int:
         """The primary's port as the sentinels report it."""
@@ -389,8 +401,11 @@ class SentinelSetup:
 
 
 def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | None = None,
-                   down_after_ms: int = 1000) -> SentinelSetup:
-    """A primary, one synced replica and three sentinels (quorum 2) that know both."""
+                   down_after_ms: int = 1000, tls: Pki | None = None) -> SentinelSetup:
+    """A primary, one synced replica and three sentinels (quorum 2) that know both. With ``tls``
+    every process listens on TLS only and replication and the Sentinels' links go over TLS
+    (``tls-replication yes``, which is also what makes a Sentinel talk TLS to the data nodes
+    and to its fellow Sentinels)."""
     workdir = Path(workdir)
     started: list[Node] = []
 
@@ -398,8 +413,8 @@ def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | N
         port = launcher.free_port()
         directory = workdir / f"redis-{port}"
         directory.mkdir(parents=True)
-        argv = [launcher.redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
-                "no", "--dir", str(directory)]
+        argv = [launcher.redis_binary(), "--bind", "127.0.0.1", *_as_argv(_listen(port, tls)), "--save", "",
+                "--appendonly", "no", "--dir", str(directory)]
         if password:
             argv += ["--requirepass", password, "--masterauth", password]
         if replica_of:
@@ -419,7 +434,7 @@ def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | N
             directory = workdir / f"sentinel-{port}"
             directory.mkdir(parents=True)
             conf = directory / "sentinel.conf"
-            lines = [f"port {port}", "bind 127.0.0.1", f"dir {directory}",
+            lines = [*(f"{name} {value}" for name, value in _listen(port, tls)), "bind 127.0.0.1", f"dir {directory}",
                      f"sentinel monitor {service} 127.0.0.1 {primary.port} 2",
                      f"sentinel down-after-milliseconds {service} {down_after_ms}",
                      f"sentinel failover-timeout {service} 10000", f"sentinel parallel-syncs {service} 1"]
@@ -433,7 +448,7 @@ def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | N
             sentinels.append(node)
         for node in sentinels:
             launcher.wait_tcp("127.0.0.1", node.port, timeout=10, proc=node.proc)
-        setup = SentinelSetup(workdir, service, primary, replica, sentinels, password)
+        setup = SentinelSetup(workdir, service, primary, replica, sentinels, password, tls)
         setup.wait_synced()
         setup.wait_sentinels_know_replica()
     except BaseException:

@@ -1,7 +1,12 @@
-"""``index.tls`` in cluster mode against a real TLS-only Redis Cluster: three
-``redis-server --cluster-enabled yes --port 0 --tls-port P --tls-cluster yes``, client
-certificates required, AUTH on top. Lookups, ordered writes, the sharded invalidation feed and
-a purge all go over TLS; ``kv-extproc serve`` becomes ready through it and logs it.
+"""``index.tls`` against real TLS-only Redis (``--port 0 --tls-port P``, client certificates
+required, AUTH on top), in cluster and in sentinel mode.
+
+Cluster: three ``redis-server --cluster-enabled yes --tls-cluster yes``. Sentinel: a primary,
+a replica (``--tls-replication yes``) and three ``redis-sentinel`` on TLS ports that reach the
+data nodes and each other over TLS (``tls-replication yes``). In both modes lookups, ordered
+writes, the invalidation feed and a purge go over TLS, and ``kv-extproc serve`` becomes ready
+through it and logs it without the password. Last, the Sentinel primary is SIGKILLed: the
+index answers again, over TLS, from the promoted replica (a new epoch) and the feed comes back.
 """
 
 from __future__ import annotations
@@ -11,19 +16,22 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import key_slot
+from redis.retry import Retry
 
 from extproc import config as config_mod
-from extproc.index import Writes
+from extproc.index import FEED_LOST, IndexUnavailable, Writes
 from extproc.index.redis import RedisIndex
 from extproc.sim import launcher
 from tests.harness.certs import make_pki
-from tests.harness.redis_cluster import start_cluster
+from tests.harness.redis_cluster import start_cluster, start_sentinel
 from tests.integration.conftest import KEY_PREFIX
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "tls-cluster-secret-3"
+SENTINEL_PASSWORD = "tls-sentinel-secret-5"
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +55,18 @@ def index_conf(workdir, tls_cluster, pki) -> dict:
             "tlsKeyFile": str(pki.client_key), "keyPrefix": KEY_PREFIX, "timeout": "1s"}
 
 
-def test_the_nodes_speak_tls_only(tls_cluster):
-    port = tls_cluster.nodes[0].port
-    plain = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, socket_timeout=2, socket_connect_timeout=2)
+def refuses_plaintext(port: int, password: str) -> None:
+    """A plaintext PING fails (once: redis-py's default retries would only add seconds of backoff)."""
+    plain = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2, socket_connect_timeout=2,
+                        retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.ConnectionError):
         plain.ping()
     plain.close()
+
+
+def test_the_nodes_speak_tls_only(tls_cluster):
+    port = tls_cluster.nodes[0].port
+    refuses_plaintext(port, PASSWORD)
     assert tls_cluster.client(port).ping()
 
 
@@ -91,3 +105,116 @@ def test_serve_becomes_ready_over_tls_and_says_so(workdir, index_conf, tls_clust
         assert PASSWORD not in log
     finally:
         proc.proc.stop()
+
+
+# -- Sentinel ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_sentinel(workdir, pki):
+    setup = start_sentinel(workdir / "tls-sentinel", password=SENTINEL_PASSWORD, tls=pki)
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_conf(workdir, tls_sentinel, pki) -> dict:
+    secret = workdir / "tls-sentinel-password"
+    secret.write_text(SENTINEL_PASSWORD)
+    return {"backend": "redis", "mode": "sentinel", "sentinels": tls_sentinel.sentinel_addresses,
+            "sentinelService": tls_sentinel.service, "passwordFile": str(secret), "tls": True,
+            "tlsCaFile": str(pki.ca), "tlsCertFile": str(pki.client_cert), "tlsKeyFile": str(pki.client_key),
+            "keyPrefix": KEY_PREFIX, "timeout": "1s"}
+
+
+def test_the_sentinel_setup_speaks_tls_only(tls_sentinel):
+    for node in (tls_sentinel.primary, tls_sentinel.replica, *tls_sentinel.sentinels):
+        refuses_plaintext(node.port, SENTINEL_PASSWORD)
+        with (tls_sentinel.client if node in tls_sentinel.data_nodes() else tls_sentinel.sentinel_client)(node.port) as c:
+            assert c.ping()
+    with tls_sentinel.client(tls_sentinel.replica.port) as replica:
+        info = replica.info("replication")
+    assert info["role"] == "slave" and info["master_link_status"] == "up", "replication runs over TLS"
+    with tls_sentinel.sentinel_client(tls_sentinel.sentinels[0].port) as sentinel:
+        master = sentinel.sentinel_master(tls_sentinel.service)
+    assert master["port"] == tls_sentinel.primary.port and not master["is_sdown"], "the sentinels reach the primary"
+    assert master["num-slaves"] == 1 and master["num-other-sentinels"] == 2
+
+
+def sentinel_index(conf: dict) -> RedisIndex:
+    return RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
+
+
+async def wait_heard(heard: list, what, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(what(m) for m in heard):
+        assert time.monotonic() < deadline, "the invalidation feed delivered nothing over TLS"
+        await asyncio.sleep(0.05)
+
+
+async def test_sentinel_lookups_writes_feed_and_purge_over_tls(sentinel_conf, tls_sentinel):
+    index = sentinel_index(sentinel_conf)
+    heard = []
+    try:
+        await index.check_credentials()
+        await index.ping()
+        await index.subscribe(heard.append)
+        keys = list(range(2000, 2040))
+        writes = Writes(at=1_700_000_001.0)
+        for key in keys:
+            writes.store(("tls-model", key))
+        await index.apply("tls-sentinel-pod", writes)
+        assert await index.lookup("tls-model", keys) == [{"tls-sentinel-pod": 1_700_000_001.0}] * len(keys)
+        with tls_sentinel.client(tls_sentinel.primary.port) as primary:
+            assert primary.hget(f"{KEY_PREFIX}tls-model@{keys[0]}", "tls-sentinel-pod") == b"1700000001.0"
+        await wait_heard(heard, lambda m: m.pod == "tls-sentinel-pod" and m.stored)
+        assert sorted(k for m in heard if m.pod == "tls-sentinel-pod" for _, k in m.stored) == keys
+        assert await index.purge_pod("tls-sentinel-pod") == len(keys)
+        assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+    finally:
+        await index.close()
+
+
+def test_serve_in_sentinel_mode_becomes_ready_over_tls_and_says_so(workdir, sentinel_conf, tls_sentinel):
+    proc = launcher.start_extproc({"index": sentinel_conf}, workdir)  # waits for SERVING: the index answered
+    try:
+        log = proc.proc.log()
+        assert (f"index: sentinel, service {tls_sentinel.service} via {','.join(tls_sentinel.sentinel_addresses)} "
+                f"(password ***, TLS)") in log
+        assert SENTINEL_PASSWORD not in log
+    finally:
+        proc.proc.stop()
+
+
+async def test_sentinel_failover_over_tls(sentinel_conf, tls_sentinel):
+    """Last: it kills the primary."""
+    index = sentinel_index(sentinel_conf)
+    heard = []
+    try:
+        await index.subscribe(heard.append)
+        before = await index.epoch()
+        old = tls_sentinel.current_primary()
+        with tls_sentinel.client(old) as primary:
+            assert primary.execute_command("WAIT", 1, 5000) == 1, "the replica holds the epoch marker"
+        tls_sentinel.kill(old)
+        new = await asyncio.to_thread(tls_sentinel.wait_failover, old, 20)
+        assert new == tls_sentinel.replica.port
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                after = await index.epoch()
+                break
+            except IndexUnavailable:
+                assert time.monotonic() < deadline, "the index never answered from the promoted replica"
+                await asyncio.sleep(0.2)
+        assert after == f"{before}/failover-1", "the promoted replica's history is a new epoch"
+        await wait_heard(heard, lambda m: m.pod == FEED_LOST, timeout=15)
+        writes = Writes(at=1_700_000_002.0)
+        writes.store(("tls-model", 3000))
+        await index.apply("after-failover", writes)
+        assert await index.lookup("tls-model", [3000]) == [{"after-failover": 1_700_000_002.0}]
+        with tls_sentinel.client(new) as primary:
+            assert primary.hexists(f"{KEY_PREFIX}tls-model@3000", "after-failover")
+        await wait_heard(heard, lambda m: m.pod == "after-failover" and m.stored)
+    finally:
+        await index.close()
