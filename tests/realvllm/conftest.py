@@ -7,10 +7,12 @@ suite is skipped with one loud line.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,9 @@ MODEL_DIR = HOME / "tiny-model"
 MODEL = "Qwen/Qwen3-0.6B"
 ENGINES = 3
 ENGINE_BLOCK = 32
+STACK_CONFIG = {"ingest": {"enabled": True, "engineBlockSize": ENGINE_BLOCK},
+                "podHealth": {"interval": "500ms", "timeout": "2s", "unhealthyAfter": "1.5s", "purgeAfter": "3s"}}
+"""kv-extproc's settings in front of real engines (with the ingester); shared with bench/ttft_real.py."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,19 +74,33 @@ class Engine:
             return reply.status
 
 
-def start_engine(index: int, workdir: Path) -> Engine:
+def start_engine(index: int, workdir: Path, *, cpus: str | None = None, extra: Sequence[str] = ()) -> Engine:
+    """Engine ``index`` on its own loopback address. ``cpus`` pins its whole process tree with
+    ``taskset`` (a benchmark wants one core per engine, not three engines sharing two); ``extra``
+    adds engine flags."""
     host = f"127.0.0.{21 + index}"
     port, events = launcher.free_port(host), launcher.free_port()
     kv_events = ('{"enable_kv_cache_events": true, "publisher": "zmq", '
                  f'"endpoint": "tcp://*:{events}", "topic": "kv-events"}}')
     argv = [str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--served-model-name", MODEL, "--host", host, "--port", str(port), "--enable-prefix-caching",
-            "--block-size", str(ENGINE_BLOCK), "--max-model-len", "4096", "--kv-events-config", kv_events]
+            "--block-size", str(ENGINE_BLOCK), "--max-model-len", "4096", "--kv-events-config", kv_events, *extra]
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
     # Three engines share two cores: one OpenMP thread each, sleeping (not spinning) when idle.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = launcher._spawn(f"vllm-{index}", argv, workdir, env=env, group=True)
     return Engine(f"engine-{index}", f"{host}:{port}", events, proc)
+
+
+def reset(engine: Engine) -> None:
+    """Empty the engine's prefix cache (needs VLLM_SERVER_DEV_MODE). vLLM publishes KV events from
+    its step loop, so an idle engine sends AllBlocksCleared with its next step: a short request
+    (no full block) runs one."""
+    engine.post("/reset_prefix_cache")
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    assert engine.post("/v1/completions", body) == 200
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +124,5 @@ def engines(workdir):
 
 @pytest.fixture(scope="session")
 def stack(workdir, engines, tokenizer_dir):
-    with integration_stack(workdir, engines, tokenizer_dir, ingest={"enabled": True, "engineBlockSize": ENGINE_BLOCK},
-                           podHealth={"interval": "500ms", "timeout": "2s", "unhealthyAfter": "1.5s",
-                                      "purgeAfter": "3s"}) as parts:
+    with integration_stack(workdir, engines, tokenizer_dir, **STACK_CONFIG) as parts:
         yield parts

@@ -19,7 +19,7 @@ from extproc.blocks import block_keys
 from extproc.requests import parse
 from extproc.tokenization import tokenize_with
 from tests.integration.conftest import KEY_PREFIX, LoadLoop, wait_until
-from tests.realvllm.conftest import MODEL
+from tests.realvllm.conftest import MODEL, reset
 
 pytestmark = pytest.mark.realvllm
 ROUTER_BLOCK = 64
@@ -65,14 +65,6 @@ def index(stack):
     r = redis.Redis.from_url(server.url)
     yield r
     r.close()
-
-
-def reset(engine) -> None:
-    """Empty the engine's prefix cache. vLLM publishes KV events from its step loop, so an idle
-    engine sends AllBlocksCleared with its next step: a short request (no full block) runs one."""
-    engine.post("/reset_prefix_cache")
-    with openai.OpenAI(base_url=f"{engine.url}/v1", api_key="unused", max_retries=0) as direct:
-        direct.completions.create(model=MODEL, prompt="hi", max_tokens=1)
 
 
 def reset_all(engines, r, tokenizer, tenants) -> None:
