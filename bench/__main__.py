@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet", "remotetok", "redis_modes", "tiers")
+PARTS = ("decision", "prefixcache", "ingest", "envoy_load", "sustained", "fleet", "remotetok", "redis_modes", "tiers",
+         "ttft_real")
 
 
 def main() -> None:
