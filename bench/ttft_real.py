@@ -170,8 +170,8 @@ def cold_and_cached(engine: Engine, prompt: str) -> dict[str, float]:
     return {"cold_ms": cold * 1e3, "cached_ms": cached * 1e3}
 
 
-def stats(outcomes: list[Outcome], hits: float, queries: float, seconds: float,
-          names: dict[str, str]) -> dict[str, object]:
+def stats(outcomes: list[Outcome], hits: float, queries: float, seconds: float, names: dict[str, str],
+          rounds: list[float]) -> dict[str, object]:
     ok = [o for o in outcomes if o.ttft_s is not None]
     times = summary([o.ttft_s for o in ok]) if ok else {}
     per_tenant = lambda hot: [o.ttft_s * 1e3 for o in ok if (o.tenant == 0) == hot]  # noqa: E731
@@ -185,6 +185,7 @@ def stats(outcomes: list[Outcome], hits: float, queries: float, seconds: float,
         "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "served": {name: sum(1 for o in ok if o.engine == address) for address, name in names.items()},
         "seconds": seconds,
+        "round_means_ms": rounds,
     }
 
 
@@ -216,7 +217,7 @@ def run_scenario(name: str, extra: tuple[str, ...], prompts: list[str], tokenize
         probe = cold_and_cached(engines[0], prompts[0])
         print(f"{name}: one request alone, TTFT cold {probe['cold_ms']:.0f} ms, cached {probe['cached_ms']:.0f} ms",
               flush=True)
-        runs: dict[str, dict[str, list]] = {p: {"outcomes": [], "hq": [], "s": []} for p in urls}
+        runs: dict[str, dict[str, list]] = {p: {"outcomes": [], "hq": [], "s": [], "means": []} for p in urls}
         for r in range(ROUNDS):
             traffic = make_traffic(prompts, seed=r + 1)
             for policy in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
@@ -228,10 +229,12 @@ def run_scenario(name: str, extra: tuple[str, ...], prompts: list[str], tokenize
                 runs[policy]["outcomes"] += outcomes
                 runs[policy]["hq"].append((h1 - h0, q1 - q0))
                 runs[policy]["s"].append(seconds)
+                runs[policy]["means"].append(statistics.fmean([o.ttft_s * 1e3 for o in outcomes if o.ttft_s] or [0]))
                 print(f"{name} round {r} {policy}: {len(outcomes)} requests in {seconds:.0f} s", flush=True)
     names = {e.address: e.name for e in engines}
     return {"engine_flags": list(extra), "alone": probe, "policies": {
-        p: stats(run["outcomes"], sum(h for h, _ in run["hq"]), sum(q for _, q in run["hq"]), sum(run["s"]), names)
+        p: stats(run["outcomes"], sum(h for h, _ in run["hq"]), sum(q for _, q in run["hq"]), sum(run["s"]), names,
+              run["means"])
         for p, run in runs.items()}}
 
 
