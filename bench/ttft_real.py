@@ -69,6 +69,8 @@ class Outcome:
     ttft_s: float | None
     """None: the request failed."""
     engine: str
+    sent_s: float
+    """When it was sent, from the start of its segment."""
     error: str = ""
 
 
@@ -103,11 +105,12 @@ def run_segment(url: str, traffic: Sequence[tuple[int, list[dict]]]) -> tuple[li
             return None
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=120)
+        sent = time.monotonic() - start
         try:
             ttft, engine = stream_chat(local.client, item[1])
-            return Outcome(item[0], ttft, engine)
+            return Outcome(item[0], ttft, engine, sent)
         except (httpx.HTTPError, RuntimeError, ValueError) as exc:
-            return Outcome(item[0], None, "", f"{type(exc).__name__}: {exc}"[:300])
+            return Outcome(item[0], None, "", sent, f"{type(exc).__name__}: {exc}"[:300])
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         outcomes = [o for o in pool.map(one, traffic) if o is not None]
@@ -186,6 +189,8 @@ def stats(outcomes: list[Outcome], hits: float, queries: float, seconds: float, 
         "served": {name: sum(1 for o in ok if o.engine == address) for address, name in names.items()},
         "seconds": seconds,
         "round_means_ms": rounds,
+        "slowest": [{"tenant": o.tenant, "engine": names.get(o.engine, o.engine), "ttft_ms": o.ttft_s * 1e3,
+                     "sent_s": o.sent_s} for o in sorted(ok, key=lambda o: -(o.ttft_s or 0))[:3]],
     }
 
 
