@@ -141,6 +141,8 @@ class Job:
     end: float
     blocks: int
     uncached_blocks: int
+    estimate: int = 0
+    """The router's uncached tokens for it, when it routed it (kv-extproc's own view)."""
 
 
 @dataclass
@@ -273,8 +275,11 @@ class KvRouter:
         self.now = now
         self.scrape(now)
         for pod in self.pool.all():  # the replica sees its own streams end at once
-            pod.in_flight = self.by_id[pod.id].outstanding(now)
+            open_jobs = [j for j in self.by_id[pod.id].recent(now) if j.end > now]
+            pod.in_flight = len(open_jobs)
+            pod.open_tokens = sum(j.estimate for j in open_jobs)
         decision = await self.router.route(RoutingRequest(model=MODEL, kind="chat", messages=messages))
+        self.estimate = decision.uncached_tokens
         return self.by_id[decision.pod.id]
 
 
@@ -381,7 +386,7 @@ async def simulate(policy: str, requests: list[list[dict]], gaps: list[float], t
             prefill = (len(prompt) - hit) / PREFILL_TOKENS_PER_S
             pod.busy_until = start + prefill + DECODE_S
             pod.jobs.append(Job(now, start, start + prefill, pod.busy_until, len(prompt) // BLOCK,
-                                (len(prompt) - hit) // BLOCK))
+                                (len(prompt) - hit) // BLOCK, router.estimate if router is not None else 0))
             pod.remember(_keys(prompt))
             pod.served += 1
             if pod.publisher is not None and events:

@@ -8,6 +8,7 @@ A pod that fails its health checks (podhealth.py) is no candidate until it answe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +35,12 @@ class Pod:
     """Requests this replica has sent here, ever (to tell which of ours a scrape may count)."""
     in_flight_at_scrape: int = 0
     """This replica's own requests open here when the engine was read (its reading counts them)."""
+    last_pick: int = 0
+    """When this replica last chose it (monotonic ns): of equally loaded pods, the one
+    chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""
+    open_tokens: int = 0
+    """Prompt tokens this replica's open requests here had to compute (uncached, as estimated
+    when each was routed): the prefill work it knows is queued or running on the pod."""
     rank: int | None = None
     """The data-parallel rank this candidate is, behind its pod's one address (vLLM
     --data-parallel-size): requests are pinned to it with vLLM's X-data-parallel-rank header."""
@@ -48,7 +55,6 @@ class Pod:
 class PodPool:
     def __init__(self, pods: Iterable[PodConfig] = (), models: Iterable[str] = ()):
         self._pods: dict[str, Pod] = {}
-        self._turn = 0
         self.models: frozenset[str] = frozenset(models)
         """The configured model names: a pod listing none serves each of them."""
         self.update(pods)
@@ -86,9 +92,10 @@ class PodPool:
         return [pod for pod in self._pods.values() if pod.healthy]
 
     def least_loaded(self, pods: Sequence[Pod]) -> Pod:
-        """Fewest in flight; equal counts take turns so cold traffic spreads evenly."""
-        self._turn += 1
-        return least_in_flight(pods, self._turn)
+        """Fewest in flight; of equals, the one chosen longest ago, so cold traffic spreads evenly."""
+        pod = least_in_flight(pods)
+        pod.last_pick = time.monotonic_ns()
+        return pod
 
 
 def load_of(pod: Pod) -> float:
@@ -101,9 +108,6 @@ def load_of(pod: Pod) -> float:
     return pod.in_flight + max(0.0, engine.waiting + engine.running - pod.in_flight_at_scrape)
 
 
-def least_in_flight(pods: Sequence[Pod], turn: int) -> Pod:
-    """The least loaded pod (load_of); ``turn`` rotates among equals."""
-    loads = [load_of(pod) for pod in pods]
-    fewest = min(loads)
-    tied = [pod for pod, load in zip(pods, loads) if load == fewest]
-    return tied[turn % len(tied)]
+def least_in_flight(pods: Sequence[Pod]) -> Pod:
+    """The least loaded pod (load_of); of equals, the one chosen longest ago."""
+    return min(pods, key=lambda pod: (load_of(pod), pod.last_pick))

@@ -75,7 +75,7 @@ class ExtProcService:
 class _Stream:
     """State of one HTTP request's ext_proc stream."""
 
-    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "done", "subset", "headers_held")
+    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "open_tokens", "done", "subset", "headers_held")
 
     def __init__(self, svc: ExtProcService):
         self.svc = svc
@@ -85,6 +85,7 @@ class _Stream:
         self.remove: tuple[str, ...] = (svc.routing_header,)
         self.body = bytearray()
         self.pod: Pod | None = None
+        self.open_tokens = 0
         self.done = False
         self.subset: frozenset[str] | None = None
         self.headers_held = False
@@ -166,6 +167,8 @@ class _Stream:
             self.pod = decision.pod
             self.pod.in_flight += 1
             self.pod.routed += 1
+            self.open_tokens = decision.uncached_tokens
+            self.pod.open_tokens += self.open_tokens
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
             if self.pod.rank is not None:
@@ -228,6 +231,7 @@ class _Stream:
     def release(self) -> None:
         if self.pod is not None:
             self.pod.in_flight -= 1
+            self.pod.open_tokens -= self.open_tokens
             self.svc.metrics.in_flight.labels(self.pod.id).dec()
             self.pod = None
 

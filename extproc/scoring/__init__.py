@@ -7,6 +7,7 @@ the config's ``scoring.scorers[].type`` (or ``scoring.picker``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from ..config import ConfigError, ScoringConfig
@@ -56,10 +57,11 @@ class Profile:
             for pod_id, value in scores.values.items():
                 totals[pod_id] += weight * min(1.0, max(0.0, value))
         pod = self.picker.pick(pods, totals)
+        pod.last_pick = time.monotonic_ns()
         alternates = sorted((p for p in pods if p is not pod), key=lambda p: (-totals[p.id], p.in_flight))
         matched, total = context.matched.get(pod.id, 0), context.total_blocks
         return Decision(pod, 100.0 * matched / total if total else 0.0, matched, total, matched > 0, raw,
-                        tuple(alternates))
+                        tuple(alternates), context.uncached_tokens(pod.id))
 
 
 def build(config: ScoringConfig) -> Profile:

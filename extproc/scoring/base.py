@@ -74,3 +74,5 @@ class Decision:
     """scorer -> pod id -> raw value (empty for a fallback)."""
     alternates: tuple[Pod, ...] = ()
     """The other candidates, best total first: where a retry should go next."""
+    uncached_tokens: int = 0
+    """Prompt tokens the chosen pod must compute (0 when unknown, as for a fallback)."""

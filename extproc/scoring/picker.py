@@ -11,19 +11,15 @@ TIE = 1e-9
 
 
 class MaxScorePicker:
-    """The highest total wins; ties go to the pod with the fewest requests in flight, then
-    take turns, so a burst of equal requests spreads instead of landing on one pod."""
-
-    def __init__(self) -> None:
-        self._turn = 0
+    """The highest total wins; ties go to the least loaded pod, then to the one chosen longest
+    ago, so a burst of equal requests spreads instead of landing on one pod."""
 
     def pick(self, pods: Sequence[Pod], totals: dict[str, float]) -> Pod:
         best = max(totals[pod.id] for pod in pods)
         tied = [pod for pod in pods if totals[pod.id] >= best - TIE]
         if len(tied) == 1:
             return tied[0]
-        self._turn += 1
-        return least_in_flight(tied, self._turn)
+        return least_in_flight(tied)
 
 
 class WeightedRandomPicker:

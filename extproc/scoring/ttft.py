@@ -1,9 +1,11 @@
 """The time-to-first-token scorer: where this request will start producing soonest.
 
 cost(pod) = (1 + L) x tokens the pod must compute for this prompt (those it does not hold)
+          + tokens it must compute for this replica's open requests there (Pod.open_tokens)
           + requests ahead of it x queuedRequestTokens
 in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus
-the other replicas' share of the engine's last reading; without any reading, our own). L =
+the other replicas' share of the engine's last reading; without any reading, our own): each
+costs its decode and the work we cannot see (another replica's prefill). L =
 the mean of requests ahead over the candidates: while the fleet has a queue, every token a
 pod computes for this request delays the requests queued behind it, so the busier the fleet,
 the more a cached prefix is worth (measured: bench/fleet.py, README). score = (min cost + b)
@@ -36,6 +38,7 @@ class TtftScorer:
         else:
             queue = {pod.id: max(float(pod.in_flight), q) for pod, q in zip(pods, fill_unknown(known).values())}
         weight = 1.0 + sum(queue.values()) / len(queue)
-        cost = {pod.id: weight * context.uncached_tokens(pod.id) + queue[pod.id] * self.queued_request_tokens for pod in pods}
+        cost = {pod.id: weight * context.uncached_tokens(pod.id) + pod.open_tokens + queue[pod.id] * self.queued_request_tokens
+                for pod in pods}
         base = min(cost.values()) + max(1, context.block_tokens)
         return Scores({pod: base / (c + max(1, context.block_tokens)) for pod, c in cost.items()}, cost)

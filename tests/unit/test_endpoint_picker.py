@@ -157,3 +157,17 @@ async def test_health_service_names_of_the_protocol():
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(0)
+
+
+async def test_a_routed_stream_holds_its_prefill_on_the_pod_until_it_ends(stack):
+    """The work a request brings (its uncached prompt tokens) counts ahead of the next one on
+    that pod while its stream is open, and is given back when it ends."""
+    pool, router = stack
+    stream = _Stream(service(router))
+    for message in messages({"model": MODEL, "prompt": "a prompt long enough to fill some blocks " * 8}):
+        await stream.on_message(message)
+    pod = stream.pod
+    assert pod.in_flight == 1 and pod.open_tokens > 16
+    stream.release()
+    assert (pod.in_flight, pod.open_tokens) == (0, 0)
+    assert all(p.open_tokens == 0 for p in pool.all())

@@ -114,6 +114,31 @@ def test_requests_sent_since_the_last_reading_count_as_queued():
     assert decide(profile(queuedRequestTokens=10), p.all(), {"a": 8}).pod.id == "a"
 
 
+def test_the_prefill_our_open_requests_still_need_counts_ahead():
+    """Two pods with one of our requests each: the one whose request had a long prompt to
+    compute starts this one later, by those tokens."""
+    p = pool("a", "b")
+    for pod in p.all():
+        engine(pod)
+        pod.in_flight = 1
+    p.get("a").open_tokens, p.get("b").open_tokens = 4000, 100
+    d = decide(profile(), p.all(), {})
+    assert d.pod.id == "b"
+    assert d.raw["ttft"]["a"] - d.raw["ttft"]["b"] == 3900
+    assert d.uncached_tokens == 128, "the decision says what the chosen pod must compute"
+
+
+def test_equally_loaded_pods_go_to_the_one_chosen_longest_ago():
+    """Round-robin's virtue among equals: the pod picked longest ago has done the most since."""
+    p = pool("a", "b", "c")
+    for pod in p.all():
+        engine(pod)
+    first = [decide(profile(), p.all(), {}).pod.id for _ in range(3)]
+    assert sorted(first) == ["a", "b", "c"]
+    assert [decide(profile(), p.all(), {}).pod.id for _ in range(3)] == first
+    assert p.least_loaded(p.all()).id == first[0], "load routing (fallbacks) follows the same order"
+
+
 def test_a_pod_without_a_fresh_reading_is_taken_as_average_not_idle():
     p = pool("a", "b", "c")
     engine(p.get("a"), waiting=10)
