@@ -20,7 +20,7 @@ so round-robin only pays each tenant's first miss once per engine) and ``tight``
 32 tokens per engine: about four of the five prompts, so an engine that sees every tenant
 evicts).
 
-``python -m bench ttft_real`` (~10 min) writes bench/results/ttft_real.json. Not run in CI.
+``python -m bench ttft_real`` (~6 min; up to 10 on a busy machine) writes bench/results/ttft_real.json. Not run in CI.
 """
 
 from __future__ import annotations
