@@ -1,10 +1,11 @@
-"""Real Redis Cluster and Sentinel setups on free loopback ports, for tests and benchmarks.
+"""Real Redis Cluster, Sentinel and standalone setups on free loopback ports, for tests and benchmarks.
 
 - ``start_cluster``: six ``redis-server --cluster-enabled yes`` (3 primaries, 1 replica each),
   joined with ``redis-cli --cluster create``; returns once every slot is served and every
   replica has finished its first sync (a replica killed-over before that refuses to take over
   for good, see /work/shared/README.md).
 - ``start_sentinel``: a primary, one replica and three sentinels (quorum 2) watching it.
+- ``start_standalone``: one plain ``redis-server`` (the TLS tests' standalone mode).
 
 Faults: ``kill`` (SIGKILL), ``manual_failover`` (CLUSTER FAILOVER on a replica),
 ``migrate_slot`` (a slot moved key by key, as ``redis-cli --cluster reshard`` does, so clients
@@ -309,6 +310,58 @@ def start_cluster(workdir: Path, *, primaries: int = 3, replicas: int = 1, passw
     return cluster
 
 
+# -- Standalone ---------------------------------------------------------------------------
+
+
+def _start_data_node(workdir: Path, password: str | None, tls: Pki | None, replica_of: int | None = None,
+                     started: list[Node] | None = None) -> Node:
+    """One plain (non-cluster) ``redis-server`` on a free port, spawned (not yet waited for);
+    appended to ``started`` as soon as it runs."""
+    port = launcher.free_port()
+    directory = Path(workdir) / f"redis-{port}"
+    directory.mkdir(parents=True)
+    argv = [launcher.redis_binary(), "--bind", "127.0.0.1", *_as_argv(_listen(port, tls)), "--save", "",
+            "--appendonly", "no", "--dir", str(directory)]
+    if password:
+        argv += ["--requirepass", password, "--masterauth", password]
+    if replica_of:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+    node = Node(port, directory, argv)
+    node.proc = launcher._spawn(f"redis-{port}", argv, directory)
+    if started is not None:
+        started.append(node)
+    return node
+
+
+@dataclass
+class Standalone:
+    node: Node
+    password: str | None = None
+    tls: Pki | None = None
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5,
+                           socket_connect_timeout=2, **_tls_client(self.tls))
+
+    def stop(self) -> None:
+        self.node.proc.stop()
+
+
+def start_standalone(workdir: Path, *, password: str | None = None, tls: Pki | None = None) -> Standalone:
+    """One standalone ``redis-server``; with ``tls`` on TLS only (client certificates required)."""
+    node = _start_data_node(workdir, password, tls)
+    try:
+        launcher.wait_tcp("127.0.0.1", node.port, timeout=10, proc=node.proc)
+    except BaseException:
+        node.proc.stop()
+        raise
+    return Standalone(node, password, tls)
+
+
 # -- Sentinel ---------------------------------------------------------------------------
 
 
@@ -410,19 +463,8 @@ def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | N
     started: list[Node] = []
 
     def data_node(replica_of: int | None) -> Node:
-        port = launcher.free_port()
-        directory = workdir / f"redis-{port}"
-        directory.mkdir(parents=True)
-        argv = [launcher.redis_binary(), "--bind", "127.0.0.1", *_as_argv(_listen(port, tls)), "--save", "",
-                "--appendonly", "no", "--dir", str(directory)]
-        if password:
-            argv += ["--requirepass", password, "--masterauth", password]
-        if replica_of:
-            argv += ["--replicaof", "127.0.0.1", str(replica_of)]
-        node = Node(port, directory, argv)
-        node.proc = launcher._spawn(f"redis-{port}", argv, directory)
-        started.append(node)
-        launcher.wait_tcp("127.0.0.1", port, timeout=10, proc=node.proc)
+        node = _start_data_node(workdir, password, tls, replica_of, started)
+        launcher.wait_tcp("127.0.0.1", node.port, timeout=10, proc=node.proc)
         return node
 
     try:

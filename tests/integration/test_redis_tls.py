@@ -1,12 +1,15 @@
-"""``index.tls`` against real TLS-only Redis (``--port 0 --tls-port P``, client certificates
-required, AUTH on top), in cluster and in sentinel mode.
+"""``index.tls`` (standalone: a ``rediss://`` redisUrl) against real TLS-only Redis
+(``--port 0 --tls-port P``, client certificates required, AUTH on top), in every mode.
 
-Cluster: three ``redis-server --cluster-enabled yes --tls-cluster yes``. Sentinel: a primary,
-a replica (``--tls-replication yes``) and three ``redis-sentinel`` on TLS ports that reach the
-data nodes and each other over TLS (``tls-replication yes``). In both modes lookups, ordered
-writes, the invalidation feed and a purge go over TLS, and ``kv-extproc serve`` becomes ready
-through it and logs it without the password. Last, the Sentinel primary is SIGKILLed: the
-index answers again, over TLS, from the promoted replica (a new epoch) and the feed comes back.
+Standalone: one ``redis-server``, reached through ``rediss://`` with ``tlsCaFile``,
+``tlsCertFile`` and ``tlsKeyFile``. Cluster: three ``redis-server --cluster-enabled yes
+--tls-cluster yes``. Sentinel: a primary, a replica (``--tls-replication yes``) and three
+``redis-sentinel`` on TLS ports that reach the data nodes and each other over TLS
+(``tls-replication yes``). In every mode plaintext is refused; the credentials check, lookups,
+ordered writes, the invalidation feed and a purge go over TLS, and ``kv-extproc serve`` becomes
+ready through it and logs it without the password (standalone: a wrong password is a start-up
+error, and a client without a certificate is refused). Last, the Sentinel primary is SIGKILLed:
+the index answers again, over TLS, from the promoted replica (a new epoch) and the feed comes back.
 """
 
 from __future__ import annotations
@@ -21,17 +24,19 @@ from redis.cluster import key_slot
 from redis.retry import Retry
 
 from extproc import config as config_mod
+from extproc.config import ConfigError
 from extproc.index import FEED_LOST, IndexUnavailable, Writes
 from extproc.index.redis import RedisIndex
 from extproc.sim import launcher
 from tests.harness.certs import make_pki
-from tests.harness.redis_cluster import start_cluster, start_sentinel
+from tests.harness.redis_cluster import start_cluster, start_sentinel, start_standalone
 from tests.integration.conftest import KEY_PREFIX
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "tls-cluster-secret-3"
 SENTINEL_PASSWORD = "tls-sentinel-secret-5"
+STANDALONE_PASSWORD = "tls-standalone-secret-7"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +67,13 @@ def refuses_plaintext(port: int, password: str) -> None:
     with pytest.raises(redis.ConnectionError):
         plain.ping()
     plain.close()
+
+
+async def wait_heard(heard: list, what, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(what(m) for m in heard):
+        assert time.monotonic() < deadline, "the invalidation feed delivered nothing over TLS"
+        await asyncio.sleep(0.05)
 
 
 def test_the_nodes_speak_tls_only(tls_cluster):
@@ -107,6 +119,82 @@ def test_serve_becomes_ready_over_tls_and_says_so(workdir, index_conf, tls_clust
         proc.proc.stop()
 
 
+# -- Standalone ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_standalone(workdir, pki):
+    server = start_standalone(workdir / "tls-standalone", password=STANDALONE_PASSWORD, tls=pki)
+    yield server
+    server.stop()
+
+
+def standalone_conf(workdir, server, pki, password: str = STANDALONE_PASSWORD) -> dict:
+    secret = workdir / ("tls-standalone-password" if password == STANDALONE_PASSWORD else "tls-standalone-wrong")
+    secret.write_text(password)
+    return {"backend": "redis", "redisUrl": f"rediss://127.0.0.1:{server.port}/0", "passwordFile": str(secret),
+            "tlsCaFile": str(pki.ca), "tlsCertFile": str(pki.client_cert), "tlsKeyFile": str(pki.client_key),
+            "keyPrefix": KEY_PREFIX, "timeout": "1s"}
+
+
+def test_the_standalone_server_speaks_tls_only(tls_standalone, pki):
+    refuses_plaintext(tls_standalone.port, STANDALONE_PASSWORD)
+    no_cert = redis.Redis(host="127.0.0.1", port=tls_standalone.port, password=STANDALONE_PASSWORD, ssl=True,
+                          ssl_ca_certs=str(pki.ca), socket_timeout=2, socket_connect_timeout=2,
+                          retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.ConnectionError):
+        no_cert.ping()  # client certificates are required
+    no_cert.close()
+    with tls_standalone.client() as c:
+        assert c.ping()
+        assert c.info("server")["redis_mode"] == "standalone"
+
+
+async def test_standalone_rejects_a_wrong_password_over_tls(workdir, tls_standalone, pki):
+    conf = standalone_conf(workdir, tls_standalone, pki, password="not-the-password")
+    index = RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
+    try:
+        with pytest.raises(ConfigError, match="rejected the credentials"):
+            await index.check_credentials()
+    finally:
+        await index.close()
+
+
+async def test_standalone_lookups_writes_feed_and_purge_over_tls(workdir, tls_standalone, pki):
+    conf = standalone_conf(workdir, tls_standalone, pki)
+    index = RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
+    heard = []
+    try:
+        await index.check_credentials()
+        await index.ping()
+        await index.subscribe(heard.append)
+        keys = list(range(4000, 4040))
+        writes = Writes(at=1_700_000_003.0)
+        for key in keys:
+            writes.store(("tls-model", key))
+        await index.apply("tls-standalone-pod", writes)
+        assert await index.lookup("tls-model", keys) == [{"tls-standalone-pod": 1_700_000_003.0}] * len(keys)
+        with tls_standalone.client() as server:
+            assert server.hget(f"{KEY_PREFIX}tls-model@{keys[0]}", "tls-standalone-pod") == b"1700000003.0"
+        await wait_heard(heard, lambda m: m.pod == "tls-standalone-pod" and m.stored)
+        assert sorted(k for m in heard if m.pod == "tls-standalone-pod" for _, k in m.stored) == keys
+        assert await index.purge_pod("tls-standalone-pod") == len(keys)
+        assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+    finally:
+        await index.close()
+
+
+def test_serve_in_standalone_mode_becomes_ready_over_tls_and_says_so(workdir, tls_standalone, pki):
+    conf = standalone_conf(workdir, tls_standalone, pki)
+    proc = launcher.start_extproc({"index": conf}, workdir)  # waits for SERVING: the index answered
+    try:
+        log = proc.proc.log()
+        assert f"index: standalone rediss://127.0.0.1:{tls_standalone.port}/0 (password ***)" in log
+        assert STANDALONE_PASSWORD not in log
+    finally:
+        proc.proc.stop()
+
+
 # -- Sentinel ------------------------------------------------------------------------
 
 
@@ -143,13 +231,6 @@ def test_the_sentinel_setup_speaks_tls_only(tls_sentinel):
 
 def sentinel_index(conf: dict) -> RedisIndex:
     return RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
-
-
-async def wait_heard(heard: list, what, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(what(m) for m in heard):
-        assert time.monotonic() < deadline, "the invalidation feed delivered nothing over TLS"
-        await asyncio.sleep(0.05)
 
 
 async def test_sentinel_lookups_writes_feed_and_purge_over_tls(sentinel_conf, tls_sentinel):
