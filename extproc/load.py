@@ -109,7 +109,7 @@ class LoadScraper:
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
                 if self.metrics is not None:
                     self.metrics.load_scrape_errors.labels(pod.id).inc()
-                log.debug("pod %s: /metrics not read: %s", pod.id, exc)
+                log.debug("pod %s: /metrics not read: %r", pod.id, exc)
                 return
         load = parse_metrics(text, time.monotonic(), pod.rank)
         if load is not None:

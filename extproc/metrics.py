@@ -15,6 +15,27 @@ from prometheus_client.registry import Collector
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+class _Children:
+    """A labelled metric whose children are looked up once per label set: prometheus_client's
+    labels() takes a lock and validates its arguments on every call, a cost on every request.
+    Everything else goes to the metric itself."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric):
+        self._metric = metric
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def labels(self, *values: str):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str):
+        return getattr(self._metric, name)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -110,6 +131,9 @@ class Metrics:
         self.in_flight = Gauge(
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )
+        # Touched by every request: each label set is looked up once.
+        self.requests, self.fallbacks, self.stage_seconds, self.cache_lookups, self.in_flight = (
+            _Children(m) for m in (self.requests, self.fallbacks, self.stage_seconds, self.cache_lookups, self.in_flight))
 
     def watch_pods(self, pool, ingester) -> None:
         """Export the configured pods and, with an ingester, how old each pod's index view is."""
