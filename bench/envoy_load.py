@@ -12,7 +12,8 @@ the measurement is the proxy path, not a Python HTTP server. Variants:
   common request of a real fleet);
 - ``miss``: kv-extproc, a new prompt every time;
 - ``nocache``: kv-extproc with the prefix cache off, same prompt every time;
-- ``memory``: the hit workload with the in-process index instead of Redis.
+- ``memory``: the hit workload with the in-process index instead of Redis;
+- ``noload``: the hit workload without the engines' /metrics scraper (load.enabled false).
 Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor. Then
 ``doc``: a unique 1 MB document after a cached system prompt, sent one at a time (median of
 several), through the floor and kv-extproc, in both body modes.
@@ -225,7 +226,7 @@ def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path) -
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory")
+ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload")
 REFERENCES = ("envoy", "noop", "floor")
 
 
@@ -302,6 +303,8 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
             urls["nocache"] = proxy(lambda c: c, extproc(enablePodMappingCache=False))
         if "memory" in variants:
             urls["memory"] = proxy(lambda c: c, extproc(index={"backend": "memory"}))
+        if "noload" in variants:  # what scraping the engines' /metrics costs the request path
+            urls["noload"] = proxy(lambda c: c, extproc(load={"enabled": False}))
         for size in sizes:
             system = text_of_tokens(tokenizer, size, seed=size)
             for connections in (1, 8):
