@@ -198,13 +198,19 @@ class _PodCollector(Collector):
                 ("requests_waiting", "The engine's vllm:num_requests_waiting, last scraped (absent while stale)."),
                 ("requests_running", "The engine's vllm:num_requests_running, last scraped."),
                 ("kv_cache_usage", "The engine's vllm:kv_cache_usage_perc, last scraped (0..1)."))}
+            owed = GaugeMetricFamily("kv_extproc_pod_owed_prefill_tokens",
+                                     "Uncached prompt tokens of this process's open requests to the pod, as each "
+                                     "decision estimated them (what the ttft scorer counts ahead of a new request).",
+                                     labels=["pod"])
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
+                owed.add_metric([pod.id], float(pod.open_tokens))
                 if pod.engine is not None:
                     engine["requests_waiting"].add_metric([pod.id], pod.engine.waiting)
                     engine["requests_running"].add_metric([pod.id], pod.engine.running)
                     engine["kv_cache_usage"].add_metric([pod.id], pod.engine.kv_usage)
             yield healthy
+            yield owed
             yield from engine.values()
         if self._ingester is not None:
             age = GaugeMetricFamily("kv_extproc_pod_index_age_seconds",

@@ -171,3 +171,20 @@ async def test_a_routed_stream_holds_its_prefill_on_the_pod_until_it_ends(stack)
     stream.release()
     assert (pod.in_flight, pod.open_tokens) == (0, 0)
     assert all(p.open_tokens == 0 for p in pool.all())
+
+
+async def test_the_prefill_a_pod_owes_is_exported_while_the_stream_is_open(stack):
+    """Operators see what the ttft scorer counts ahead of the next request on each pod."""
+    from prometheus_client import generate_latest
+
+    pool, router = stack
+    metrics = Metrics()
+    metrics.watch_pods(pool, None)
+    stream = _Stream(service(router))
+    for message in messages({"model": MODEL, "prompt": "a prompt long enough to fill some blocks " * 8}):
+        await stream.on_message(message)
+    pod = stream.pod
+    line = f'kv_extproc_pod_owed_prefill_tokens{{pod="{pod.id}"}} {float(pod.open_tokens)}'
+    assert pod.open_tokens > 0 and line in generate_latest(metrics.registry).decode()
+    stream.release()
+    assert f'kv_extproc_pod_owed_prefill_tokens{{pod="{pod.id}"}} 0.0' in generate_latest(metrics.registry).decode()
