@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -76,6 +77,41 @@ async def wait_heard(heard: list, what, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def index_from(conf: dict) -> RedisIndex:
+    return RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
+
+
+async def round_trip(index: RedisIndex, pod: str, keys: list[int], at: float,
+                     on_server: Callable[[list[int]], None] = lambda keys: None) -> None:
+    """Credentials, ping, ordered writes, lookups, the feed and a purge, all over TLS;
+    ``on_server`` checks what reached the servers themselves."""
+    heard: list = []
+    await index.check_credentials()
+    await index.ping()
+    await index.subscribe(heard.append)
+    writes = Writes(at=at)
+    for key in keys:
+        writes.store(("tls-model", key))
+    await index.apply(pod, writes)
+    assert await index.lookup("tls-model", keys) == [{pod: at}] * len(keys)
+    on_server(keys)
+    await wait_heard(heard, lambda m: m.pod == pod and m.stored)
+    assert sorted(k for m in heard if m.pod == pod for _, k in m.stored) == keys
+    assert await index.purge_pod(pod) == len(keys)
+    assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+
+
+def serve_says(workdir, conf: dict, line: str, password: str) -> None:
+    """``kv-extproc serve`` becomes ready through the index and names it without the password."""
+    proc = launcher.start_extproc({"index": conf}, workdir)  # waits for SERVING: the index answered
+    try:
+        log = proc.proc.log()
+        assert line in log
+        assert password not in log
+    finally:
+        proc.proc.stop()
+
+
 def test_the_nodes_speak_tls_only(tls_cluster):
     port = tls_cluster.nodes[0].port
     refuses_plaintext(port, PASSWORD)
@@ -83,40 +119,19 @@ def test_the_nodes_speak_tls_only(tls_cluster):
 
 
 async def test_lookups_writes_feed_and_purge_over_tls(index_conf, tls_cluster):
-    index = RedisIndex.from_config(config_mod.from_dict({"index": index_conf}).index)
-    heard = []
-    try:
-        await index.check_credentials()
-        await index.ping()
-        await index.subscribe(heard.append)
-        keys = list(range(1000, 1040))
-        writes = Writes(at=1_700_000_000.0)
-        for key in keys:
-            writes.store(("tls-model", key))
-        await index.apply("tls-pod", writes)
-        assert await index.lookup("tls-model", keys) == [{"tls-pod": 1_700_000_000.0}] * len(keys)
-        owners = {tls_cluster.primary_of_slot(key_slot(f"{KEY_PREFIX}tls-model@{k}".encode()))
-                  for k in keys}
+    def spread(keys: list[int]) -> None:
+        owners = {tls_cluster.primary_of_slot(key_slot(f"{KEY_PREFIX}tls-model@{k}".encode())) for k in keys}
         assert len(owners) == 3, "the blocks spread over every primary"
-        deadline = time.monotonic() + 5
-        while not any(m.pod == "tls-pod" and m.stored for m in heard):
-            assert time.monotonic() < deadline, "the invalidation feed delivered nothing over TLS"
-            await asyncio.sleep(0.05)
-        assert sorted(k for m in heard if m.pod == "tls-pod" for _, k in m.stored) == keys
-        assert await index.purge_pod("tls-pod") == len(keys)
-        assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+
+    index = index_from(index_conf)
+    try:
+        await round_trip(index, "tls-pod", list(range(1000, 1040)), 1_700_000_000.0, spread)
     finally:
         await index.close()
 
 
 def test_serve_becomes_ready_over_tls_and_says_so(workdir, index_conf, tls_cluster):
-    proc = launcher.start_extproc({"index": index_conf}, workdir)  # waits for SERVING: the index answered
-    try:
-        log = proc.proc.log()
-        assert f"index: cluster, seed nodes {tls_cluster.seeds[0]} (password ***, TLS)" in log
-        assert PASSWORD not in log
-    finally:
-        proc.proc.stop()
+    serve_says(workdir, index_conf, f"index: cluster, seed nodes {tls_cluster.seeds[0]} (password ***, TLS)", PASSWORD)
 
 
 # -- Standalone ----------------------------------------------------------------------
@@ -151,8 +166,7 @@ def test_the_standalone_server_speaks_tls_only(tls_standalone, pki):
 
 
 async def test_standalone_rejects_a_wrong_password_over_tls(workdir, tls_standalone, pki):
-    conf = standalone_conf(workdir, tls_standalone, pki, password="not-the-password")
-    index = RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
+    index = index_from(standalone_conf(workdir, tls_standalone, pki, password="not-the-password"))
     try:
         with pytest.raises(ConfigError, match="rejected the credentials"):
             await index.check_credentials()
@@ -161,38 +175,20 @@ async def test_standalone_rejects_a_wrong_password_over_tls(workdir, tls_standal
 
 
 async def test_standalone_lookups_writes_feed_and_purge_over_tls(workdir, tls_standalone, pki):
-    conf = standalone_conf(workdir, tls_standalone, pki)
-    index = RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
-    heard = []
-    try:
-        await index.check_credentials()
-        await index.ping()
-        await index.subscribe(heard.append)
-        keys = list(range(4000, 4040))
-        writes = Writes(at=1_700_000_003.0)
-        for key in keys:
-            writes.store(("tls-model", key))
-        await index.apply("tls-standalone-pod", writes)
-        assert await index.lookup("tls-model", keys) == [{"tls-standalone-pod": 1_700_000_003.0}] * len(keys)
+    def on_server(keys: list[int]) -> None:
         with tls_standalone.client() as server:
             assert server.hget(f"{KEY_PREFIX}tls-model@{keys[0]}", "tls-standalone-pod") == b"1700000003.0"
-        await wait_heard(heard, lambda m: m.pod == "tls-standalone-pod" and m.stored)
-        assert sorted(k for m in heard if m.pod == "tls-standalone-pod" for _, k in m.stored) == keys
-        assert await index.purge_pod("tls-standalone-pod") == len(keys)
-        assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+
+    index = index_from(standalone_conf(workdir, tls_standalone, pki))
+    try:
+        await round_trip(index, "tls-standalone-pod", list(range(4000, 4040)), 1_700_000_003.0, on_server)
     finally:
         await index.close()
 
 
 def test_serve_in_standalone_mode_becomes_ready_over_tls_and_says_so(workdir, tls_standalone, pki):
-    conf = standalone_conf(workdir, tls_standalone, pki)
-    proc = launcher.start_extproc({"index": conf}, workdir)  # waits for SERVING: the index answered
-    try:
-        log = proc.proc.log()
-        assert f"index: standalone rediss://127.0.0.1:{tls_standalone.port}/0 (password ***)" in log
-        assert STANDALONE_PASSWORD not in log
-    finally:
-        proc.proc.stop()
+    serve_says(workdir, standalone_conf(workdir, tls_standalone, pki),
+               f"index: standalone rediss://127.0.0.1:{tls_standalone.port}/0 (password ***)", STANDALONE_PASSWORD)
 
 
 # -- Sentinel ------------------------------------------------------------------------
@@ -229,47 +225,27 @@ def test_the_sentinel_setup_speaks_tls_only(tls_sentinel):
     assert master["num-slaves"] == 1 and master["num-other-sentinels"] == 2
 
 
-def sentinel_index(conf: dict) -> RedisIndex:
-    return RedisIndex.from_config(config_mod.from_dict({"index": conf}).index)
-
-
 async def test_sentinel_lookups_writes_feed_and_purge_over_tls(sentinel_conf, tls_sentinel):
-    index = sentinel_index(sentinel_conf)
-    heard = []
-    try:
-        await index.check_credentials()
-        await index.ping()
-        await index.subscribe(heard.append)
-        keys = list(range(2000, 2040))
-        writes = Writes(at=1_700_000_001.0)
-        for key in keys:
-            writes.store(("tls-model", key))
-        await index.apply("tls-sentinel-pod", writes)
-        assert await index.lookup("tls-model", keys) == [{"tls-sentinel-pod": 1_700_000_001.0}] * len(keys)
+    def on_primary(keys: list[int]) -> None:
         with tls_sentinel.client(tls_sentinel.primary.port) as primary:
             assert primary.hget(f"{KEY_PREFIX}tls-model@{keys[0]}", "tls-sentinel-pod") == b"1700000001.0"
-        await wait_heard(heard, lambda m: m.pod == "tls-sentinel-pod" and m.stored)
-        assert sorted(k for m in heard if m.pod == "tls-sentinel-pod" for _, k in m.stored) == keys
-        assert await index.purge_pod("tls-sentinel-pod") == len(keys)
-        assert await index.lookup("tls-model", keys) == [{}] * len(keys)
+
+    index = index_from(sentinel_conf)
+    try:
+        await round_trip(index, "tls-sentinel-pod", list(range(2000, 2040)), 1_700_000_001.0, on_primary)
     finally:
         await index.close()
 
 
 def test_serve_in_sentinel_mode_becomes_ready_over_tls_and_says_so(workdir, sentinel_conf, tls_sentinel):
-    proc = launcher.start_extproc({"index": sentinel_conf}, workdir)  # waits for SERVING: the index answered
-    try:
-        log = proc.proc.log()
-        assert (f"index: sentinel, service {tls_sentinel.service} via {','.join(tls_sentinel.sentinel_addresses)} "
-                f"(password ***, TLS)") in log
-        assert SENTINEL_PASSWORD not in log
-    finally:
-        proc.proc.stop()
+    serve_says(workdir, sentinel_conf,
+               f"index: sentinel, service {tls_sentinel.service} via {','.join(tls_sentinel.sentinel_addresses)} "
+               f"(password ***, TLS)", SENTINEL_PASSWORD)
 
 
 async def test_sentinel_failover_over_tls(sentinel_conf, tls_sentinel):
     """Last: it kills the primary."""
-    index = sentinel_index(sentinel_conf)
+    index = index_from(sentinel_conf)
     heard = []
     try:
         await index.subscribe(heard.append)
