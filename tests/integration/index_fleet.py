@@ -59,13 +59,18 @@ class Result:
 
 
 class Traffic:
-    """Chat requests from ``workers`` threads, paced to at most ``rate`` per second, until stopped."""
+    """Chat requests from ``workers`` threads, paced to at most ``rate`` per second, until stopped
+    (or until ``total`` were sent)."""
 
-    def __init__(self, url: str, shared: dict[int, int], holders, *, workers: int = 4, rate: float = 40.0):
+    def __init__(self, url: str, shared: dict[int, int], holders, *, workers: int = 4, rate: float = 40.0,
+                 total: int | None = None):
         self.url = url
         self.shared = shared
+        """tenant -> tokens of its shared prefix (whole engine blocks)."""
         self.holders = holders
+        """tenant -> (live pods caching its prefix now, live pods)."""
         self.rate = rate
+        self.total = total
         self.results: list[Result] = []
         self._lock = threading.Lock()
         self._next = 0
@@ -74,7 +79,7 @@ class Traffic:
 
     def _take(self) -> int | None:
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() or (self.total is not None and self._next >= self.total):
                 return None
             self._next += 1
             return self._next
@@ -101,6 +106,11 @@ class Traffic:
         for worker in self._workers:
             worker.start()
         return self
+
+    def join(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.1, end - time.monotonic()))
 
     def stop(self) -> list[Result]:
         self._stop.set()

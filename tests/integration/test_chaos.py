@@ -19,12 +19,9 @@ The figures are printed (run with -s) and reported in the README's Reliability s
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -36,6 +33,7 @@ from extproc.tokenization import tokenize_with
 from tests.conftest import MODEL
 from tests.harness.tcpproxy import StallingProxy
 from tests.integration.conftest import KEY_PREFIX, envoy_for, extproc_config
+from tests.integration.index_fleet import ENGINE_BLOCK, TENANTS, Traffic, messages, metric
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +41,6 @@ TOTAL = 3600
 WORKERS = 8
 MAX_RATE = 60.0
 """Requests per second at most (paced), so the fixed total spans every fault."""
-TENANTS = 6
-ENGINE_BLOCK = 16
 PODS = ["pod-a", "pod-b", "pod-c", "pod-d"]
 CAPACITY_TENANTS = 2.5
 """Engine cache per pod, in tenant prefixes: with a pod gone, three pods still hold all six
@@ -52,111 +48,10 @@ tenants when each tenant stays on one pod (by cache), not when every pod sees ev
 (by load, which thrashes). So most tenants are cached on one or two of the four pods, and a
 request routed by load lands on one of them by chance well under half the time."""
 RECOVERY_LIMIT = 10.0
-WINDOW, NEEDED = 20, 18
-"""Routing by cache has resumed when 18 of 20 consecutive telling requests land on a pod that
-caches their tenant's prefix. A request tells something only if, when it was sent, some live
-pods held the prefix and some did not (routing by load then lands on a holder by chance only)."""
-
-
-def system_prompt(tenant: int) -> str:
-    rules = " ".join(f"Rule {i}: for tenant {tenant}, always cite source {tenant * 100 + i}." for i in range(20))
-    return f"You are the assistant of tenant {tenant}. {rules}"
-
-
-def messages(i: int) -> list[dict]:
-    return [{"role": "system", "content": system_prompt(i % TENANTS)}, {"role": "user", "content": f"question {i}"}]
-
-
-@dataclass
-class Result:
-    tenant: int
-    sent: float
-    done: float
-    status: int
-    served: str
-    cached: int
-    telling: bool
-    """Some live pods held the tenant's prefix when it was sent, and some did not."""
-
-
-class Traffic:
-    """TOTAL chat requests from WORKERS threads, paced to at most MAX_RATE per second."""
-
-    def __init__(self, url: str, shared: dict[int, int], holders):
-        self.url = url
-        self.shared = shared
-        self.holders = holders
-        """tenant -> (live pods caching its prefix now, live pods)."""
-        self.results: list[Result] = []
-        self._lock = threading.Lock()
-        self._next = 0
-        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(WORKERS)]
-
-    def _take(self) -> int | None:
-        with self._lock:
-            if self._next >= TOTAL:
-                return None
-            self._next += 1
-            return self._next
-
-    def _run(self) -> None:
-        cycle = WORKERS / MAX_RATE
-        with httpx.Client(base_url=self.url, timeout=20) as client:
-            while (i := self._take()) is not None:
-                sent = time.monotonic()
-                holding, live = self.holders(i % TENANTS)
-                telling = 0 < holding < live
-                try:
-                    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages(i)})
-                    result = Result(i % TENANTS, sent, time.monotonic(), reply.status_code,
-                                    reply.headers.get("x-served-by", ""), int(reply.headers.get("x-cached-tokens", 0)),
-                                    telling)
-                except httpx.HTTPError as exc:
-                    result = Result(i % TENANTS, sent, time.monotonic(), 0, type(exc).__name__, 0, telling)
-                with self._lock:
-                    self.results.append(result)
-                time.sleep(max(0.0, cycle - (time.monotonic() - sent)))
-
-    def start(self) -> "Traffic":
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        for worker in self._workers:
-            worker.join(max(0.1, end - time.monotonic()))
-
-    def snapshot(self) -> list[Result]:
-        with self._lock:
-            return list(self.results)
-
-    def by_cache(self, r: Result) -> bool:
-        """Landed on a pod that already cached the tenant's whole shared prefix."""
-        return r.status == 200 and r.cached >= self.shared[r.tenant]
-
-    def share_by_cache(self, start: float, end: float) -> tuple[float, int]:
-        """Of the telling requests sent in [start, end): the share that landed on a holder, and how many."""
-        told = [r for r in self.snapshot() if r.telling and start <= r.sent < end]
-        return (round(sum(map(self.by_cache, told)) / len(told), 2) if told else float("nan")), len(told)
-
-    def recovered_after(self, t0: float) -> float | None:
-        """Seconds from t0 to the first telling request of the first good window that landed on a holder."""
-        after = sorted((r for r in self.snapshot() if r.sent >= t0 and r.telling), key=lambda r: r.sent)
-        for i in range(len(after) - WINDOW + 1):
-            window = after[i : i + WINDOW]
-            if sum(map(self.by_cache, window)) >= NEEDED:
-                return next(r for r in window if self.by_cache(r)).sent - t0
-        return None
-
-    def wait_recovered(self, t0: float, limit: float = RECOVERY_LIMIT + 5) -> float | None:
-        end = time.monotonic() + limit
-        while time.monotonic() < end:
-            took = self.recovered_after(t0)
-            if took is not None:
-                return took
-            time.sleep(0.1)
-        return None
+"""Seconds within which routing by cache resumes after each fault: 18 of 20 consecutive telling
+requests land on a pod that caches their tenant's prefix (index_fleet.Traffic). A request tells
+something only if, when it was sent, some live pods held the prefix and some did not (routing by
+load then lands on a holder by chance only)."""
 
 
 def rss_kb(pid: int) -> int:
@@ -164,14 +59,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no RSS for {pid}")
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def wait(predicate, timeout: float, what: str) -> float:
@@ -258,16 +145,16 @@ def test_chaos_under_load(workdir, tokenizer, tokenizer_dir):
             held = sum(all(h in pods[name].engine.cache.blocks for h in prefix_hashes[name, tenant]) for name in now_live)
             return held, len(now_live)
 
-        traffic = Traffic(envoy.url, shared, holders).start()
+        traffic = Traffic(envoy.url, shared, holders, workers=WORKERS, rate=MAX_RATE, total=TOTAL).start()
         wait(lambda: len(traffic.snapshot()) >= 300, 30, "warm-up traffic")
-        warm = traffic.wait_recovered(time.monotonic())
+        warm = traffic.wait_recovered(time.monotonic(), RECOVERY_LIMIT + 5)
         assert warm is not None, "routing by cache after warm-up"
         rss = {"envoy": rss_kb(envoy.proc.popen.pid), "replica": rss_kb(replicas[1].proc.popen.pid),
                "ingester": rss_kb(ingester.proc.popen.pid), "redis": rss_kb(server.proc.popen.pid)}
         figures["startup_and_warmup_s"] = round(time.monotonic() - started, 1)
 
         def fault(name: str, injected: float, t0: float, **extra) -> None:
-            took = traffic.wait_recovered(t0)
+            took = traffic.wait_recovered(t0, RECOVERY_LIMIT + 5)
             figures["faults"].append({"fault": name, "recovered_s": None if took is None else round(took, 2),
                                       "injected": injected, "t0": t0, **extra})
             time.sleep(max(0.0, t0 + 3.0 - time.monotonic()))  # 3 s of traffic after each fault, alone
