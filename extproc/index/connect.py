@@ -244,7 +244,27 @@ class Standalone(Backend):
             raise
 
 
-class Cluster(Backend):
+class _FoundFeed(Backend):
+    """A feed whose node is found by asking (a slot's owner, the Sentinels' primary), so it can
+    move under a subscriber that keeps its connection."""
+
+    async def _feed_address(self) -> tuple[str, int]:
+        raise NotImplementedError
+
+    async def feed_client(self) -> tuple[aioredis.Redis, str]:
+        host, port = await self._feed_address()
+        client = aioredis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **self._options)
+        return client, f"{host}:{port}"
+
+    async def feed_moved(self, address: str) -> bool:
+        try:
+            host, port = await self._feed_address()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return f"{host}:{port}" != address
+
+
+class Cluster(_FoundFeed):
     mode = "cluster"
     sharded_feed = True
     ordered_pipelines = False
@@ -368,18 +388,6 @@ class Cluster(Backend):
                 return address
         raise SlotNotCoveredError(f"slot {self._slot} of the invalidation channel is not served")
 
-    async def feed_client(self) -> tuple[aioredis.Redis, str]:
-        host, port = await self._feed_address()
-        client = aioredis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **self._options)
-        return client, f"{host}:{port}"
-
-    async def feed_moved(self, address: str) -> bool:
-        try:
-            host, port = await self._feed_address()
-        except (RedisError, OSError, TimeoutError):
-            return False
-        return f"{host}:{port}" != address
-
     # -- start-up --------------------------------------------------------------------
 
     async def check(self) -> None:
@@ -413,7 +421,7 @@ class Cluster(Backend):
         await self.client.aclose()
 
 
-class SentinelBackend(Backend):
+class SentinelBackend(_FoundFeed):
     mode = "sentinel"
 
     def __init__(self, config: IndexConfig):
@@ -434,21 +442,10 @@ class SentinelBackend(Backend):
         self.where = (f"sentinel, service {self._service} via {','.join(config.sentinels)}"
                       f"{_auth_note(config.username, self._password, config.tls)}")
 
-    async def _master(self) -> tuple[str, int]:
+    async def _feed_address(self) -> tuple[str, int]:
+        """The current primary, as the Sentinels say."""
         host, port = await self.sentinel.discover_master(self._service)
         return (host.decode() if isinstance(host, bytes) else host), int(port)
-
-    async def feed_client(self) -> tuple[aioredis.Redis, str]:
-        host, port = await self._master()
-        client = aioredis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **self._options)
-        return client, f"{host}:{port}"
-
-    async def feed_moved(self, address: str) -> bool:
-        try:
-            host, port = await self._master()
-        except (RedisError, OSError, TimeoutError):
-            return False
-        return f"{host}:{port}" != address
 
     async def histories(self) -> set[str]:
         info = _info_fields(await self.client.info("replication"))
