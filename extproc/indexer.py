@@ -227,7 +227,7 @@ class Indexer:
             known = store.get_prompt(store.request_key(request.fingerprint, request.model))
             if known is not None:  # the very same body: nothing to render, hash or tokenize
                 return known, "hit", known.estimated
-        text, add_special_tokens = prompt_text(tokenizer, request)
+        text, add_special_tokens = prompt_text(tokenizer, request, self.tokenizers.renderer(tokenizer))
         key = store.prompt_key(text, request.model, add_special_tokens)
         known = store.get_prompt(key)
         if known is None:
@@ -249,7 +249,7 @@ class Indexer:
         """On a tokenizer thread: the same steps for a long prompt."""
         assert self.cache is not None
         store = self.cache.store
-        text, add_special_tokens = prompt_text(tokenizer, request)
+        text, add_special_tokens = prompt_text(tokenizer, request, self.tokenizers.renderer(tokenizer))
         key = store.prompt_key(text, request.model, add_special_tokens)
         known = store.get_prompt(key)
         if known is not None:

@@ -9,9 +9,12 @@ same tokens the engine caches.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from .requests import RoutingRequest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+log = logging.getLogger("extproc.tokenization")
 
 T = TypeVar("T")
 
@@ -58,7 +62,11 @@ def load_tokenizer(source: str) -> Tokenizer:
     return AutoTokenizer.from_pretrained(source)
 
 
-def render_chat(tokenizer: Tokenizer, request: RoutingRequest) -> str:
+def render_chat(tokenizer: Tokenizer, request: RoutingRequest, renderer: "ChatRenderer | None" = None) -> str:
+    if renderer is not None:
+        text = renderer.direct(request)
+        if text is not None:
+            return text
     kwargs = dict(request.chat_template_kwargs)
     if request.tools:
         kwargs["tools"] = request.tools
@@ -74,16 +82,92 @@ def render_chat(tokenizer: Tokenizer, request: RoutingRequest) -> str:
         raise PromptRenderError(f"chat template failed: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
+class ChatRenderer:
+    """One tokenizer's chat template, called straight for plain JSON messages.
+
+    apply_chat_template spends about two thirds of a render normalising its input: copying
+    every message, dropping keys whose value is None, aliasing reasoning fields. Messages
+    parsed from JSON with no None value and no reasoning field come out of that unchanged, so
+    for them the compiled template is rendered with the same arguments directly. Anything
+    else (continue_final_message, template kwargs that name apply_chat_template's own
+    parameters, a render that raises) takes apply_chat_template, and so does every request if
+    the tokenizer's template does not render a set of sample conversations identically both
+    ways when the renderer is made (another transformers version, another template).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.enabled = False
+        self._compile: Callable[[str], Any] | None = None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+            params = set(inspect.signature(type(tokenizer).apply_chat_template).parameters)
+        except (ImportError, TypeError, ValueError):
+            return
+        from transformers.utils import chat_template_utils
+
+        self._reasoning = frozenset(getattr(chat_template_utils, "_REASONING_FIELDS", ())) | {
+            "reasoning", "reasoning_content", "thinking"}
+        self._reserved = params
+        self._compile = _compile_jinja_template
+        self.enabled = self._agrees()
+
+    def direct(self, request: RoutingRequest) -> str | None:
+        """The rendered prompt, or None when this request needs apply_chat_template."""
+        if not self.enabled or request.continue_final_message or not self._plain(request):
+            return None
+        tokenizer = self._tokenizer
+        try:
+            compiled = self._compile(tokenizer.get_chat_template(None, request.tools or None))  # type: ignore[misc]
+            return compiled.render(messages=request.messages, tools=request.tools or None, documents=None,
+                                   add_generation_prompt=request.add_generation_prompt,
+                                   **{**tokenizer.special_tokens_map, **request.chat_template_kwargs})
+        except Exception:  # noqa: BLE001 - apply_chat_template gives the error its usual shape
+            return None
+
+    def _plain(self, request: RoutingRequest) -> bool:
+        if not self._reserved.isdisjoint(request.chat_template_kwargs):
+            return False
+        reasoning = self._reasoning
+        for message in request.messages or ():
+            if type(message) is not dict or None in message.values() or not reasoning.isdisjoint(message):
+                return False
+        return True
+
+    def _agrees(self) -> bool:
+        tools = [{"type": "function", "function": {"name": "lookup", "description": "Find a fact.",
+                                                    "parameters": {"type": "object", "properties": {}}}}]
+        samples = [
+            RoutingRequest(model="", kind="chat", messages=[{"role": "user", "content": "Hi <|im_end|> there"}]),
+            RoutingRequest(model="", kind="chat", add_generation_prompt=False, messages=[
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]),
+            RoutingRequest(model="", kind="chat", tools=tools, chat_template_kwargs={"enable_thinking": False},
+                           messages=[{"role": "user", "content": "Look it up."}]),
+        ]
+        self.enabled = True
+        try:
+            for sample in samples:
+                if self.direct(sample) != render_chat(self._tokenizer, sample):
+                    return False
+        except PromptRenderError:
+            return False
+        finally:
+            self.enabled = False
+        return True
+
+
 def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
     # The Rust tokenizer's encode does not mutate shared state (the Python wrapper may
     # reconfigure truncation), so worker threads can share one tokenizer safely.
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
-def prompt_text(tokenizer: Tokenizer, request: RoutingRequest) -> tuple[str, bool]:
+def prompt_text(tokenizer: Tokenizer, request: RoutingRequest,
+                renderer: ChatRenderer | None = None) -> tuple[str, bool]:
     """The text vLLM tokenizes for this request, and whether it adds special tokens."""
     if request.kind == "chat":
-        return render_chat(tokenizer, request), False
+        return render_chat(tokenizer, request, renderer), False
     return request.prompt or "", True
 
 
@@ -110,6 +194,7 @@ class TokenizerManager:
         self._background: set = set()
         self._foreground = 0
         self._workers = workers
+        self._renderers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def set_sources(self, sources: dict[str, str]) -> None:
         """Adopt a new model list; tokenizers whose source changed are reloaded lazily."""
@@ -125,6 +210,15 @@ class TokenizerManager:
     def peek(self, model: str) -> Tokenizer | None:
         """The model's tokenizer if it is already loaded, without loading it."""
         return self._loaded.get(model)
+
+    def renderer(self, tokenizer: Tokenizer) -> ChatRenderer:
+        """The tokenizer's direct chat renderer, made (and self-checked) on first use."""
+        renderer = self._renderers.get(tokenizer)
+        if renderer is None:
+            renderer = self._renderers[tokenizer] = ChatRenderer(tokenizer)
+            log.info("chat template: %s", "rendered directly for plain messages" if renderer.enabled
+                     else "through apply_chat_template only (the direct render did not agree)")
+        return renderer
 
     async def get(self, model: str) -> Tokenizer:
         tokenizer = self._loaded.get(model)
