@@ -164,29 +164,35 @@ class Splitter:
 
 @dataclass(slots=True)
 class Chunks:
-    """A prompt's full chunks up to a point: where each ends, whether it ends on an added token,
-    and its chained hash.
+    """A prompt's full chunks after ``start`` up to a point: where each ends, whether it ends on
+    an added token, and its chained hash.
 
     A chunk ends right after each added token (so chat messages, which templates close with
     one, begin new chunks and a new turn reuses every earlier message's chunks) and at most
     every ``size`` characters in between. Boundaries depend on the text alone, so the same
-    prefix always gives the same chunks; each chunk's hash chains the text before it.
+    prefix always gives the same chunks; each chunk's hash chains the text before it. Cut from
+    a ``start`` that ends an added token (an anchor), the chunks after it are the very ones a
+    cut from the prompt's beginning gives there, hashes included (``origin`` is the chain's
+    hash at ``start``).
     """
 
     ends: list[int]
     exact: list[bool]
     hashes: list[ChunkHash]
+    start: int = 0
+    origin: ChunkHash | None = None
 
     @classmethod
-    def of(cls, text: str, seed: str, size: int, splitter: Splitter, limit: int | None = None) -> "Chunks":
-        """The chunks of ``text``, or of its first ``limit`` characters when it is longer (only
-        chunks the rest of the text cannot change are kept)."""
+    def of(cls, text: str, seed: str, size: int, splitter: Splitter, limit: int | None = None, *,
+           start: int = 0, origin: ChunkHash | None = None) -> "Chunks":
+        """The chunks of ``text`` after ``start``, or up to its first ``limit`` characters when it
+        is longer (only chunks the rest of the text cannot change are kept)."""
         whole = limit is None or limit >= len(text)
         limit = len(text) if whole else limit
         ends: list[int] = []
         exact: list[bool] = []
-        pos = 0
-        for _, span_end in splitter.added_spans(text, 0, limit):
+        first = pos = start
+        for _, span_end in splitter.added_spans(text, start, limit):
             while span_end - pos > size:
                 pos += size
                 ends.append(pos)
@@ -201,17 +207,16 @@ class Chunks:
         if not whole:
             # An added token starting past the limit could end a chunk that starts after limit - size.
             keep = 0
-            while keep < len(ends) and (ends[keep - 1] if keep else 0) < limit - size:
+            while keep < len(ends) and (ends[keep - 1] if keep else start) < limit - size:
                 keep += 1
             del ends[keep:], exact[keep:]
         hashes = []
-        h = _digest(0, seed)
-        start = 0
+        h = _digest(0, seed) if origin is None else origin
         for end in ends:
             h = hash((h, text[start:end]))
             hashes.append(h)
             start = end
-        return cls(ends, exact, hashes)
+        return cls(ends, exact, hashes, first, origin)
 
 
 @dataclass(slots=True)
@@ -224,6 +229,9 @@ class Run:
     keys: list[int] = field(default_factory=list)
     """Block keys of the full blocks inside the covered tokens (at most maxBlocksToMatch)."""
     chunks: int = 0
+    """Chunks found in the store after the anchor (or from the start)."""
+    anchor: tuple = ()
+    """The anchor the run starts from (see PrefixStore._find_anchor), if any."""
 
 
 @dataclass(slots=True)
@@ -260,6 +268,22 @@ _Chunk = tuple  # (split point: int, tokens: bytes of native uint32, keys: bytes
 
 _Prompt = tuple  # (keys: bytes of native uint64, exact tokens, cut, chars tokenized, estimated total)
 
+_Anchor = tuple  # (chars, hash of the 64 chars before, hash of the text up to chars, chain hash there,
+#                  tokens, keys: bytes of uint64, tokens after the last full block: bytes of uint32)
+"""A known prefix's state at a chunk end after an added token: where the next request with
+the same text up to there can start cutting, hashing and looking up."""
+
+ANCHOR_HEAD = 128
+"""Characters of a prompt's beginning that name its anchors."""
+
+ANCHORS_PER_HEAD = 4
+"""Anchors kept per beginning (prompts that start alike but part before their anchors)."""
+
+MIN_ANCHOR_CHARS = 2048
+"""Shorter prefixes are cut and looked up chunk by chunk as fast as an anchor is checked."""
+
+_CHECK_CHARS = 64
+
 PLAN_CHARS = 65536
 """A prompt's chunks are hashed up to at least this far (or 8 characters per token that can
 match); the rest of a longer prompt only if tokenizing goes that far."""
@@ -277,16 +301,23 @@ class PrefixStore:
     """
 
     def __init__(self, config: PrefixStoreConfig, *, block_size: int, max_blocks: int, keyer: Keyer,
-                 min_window_chars: int = 4 * INLINE_CHARS):
+                 min_window_chars: int = 4 * INLINE_CHARS, min_anchor_chars: int = MIN_ANCHOR_CHARS,
+                 anchor_head: int = ANCHOR_HEAD):
         self.config = config
         self.min_window_chars = min_window_chars
         """Text encoded at least at once when cutting (tests make it tiny to cut everywhere)."""
+        self.min_anchor_chars = max(1, min_anchor_chars)
+        self.anchor_head = anchor_head
+        """(Tests make both tiny to anchor everywhere.)"""
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.keyer = keyer
         self._lock = threading.Lock()
         self._chunks_by_hash: OrderedDict[ChunkHash, _Chunk] = OrderedDict()
         self._prompts: OrderedDict[ChunkHash, _Prompt] = OrderedDict()
+        self._anchors: OrderedDict[ChunkHash, tuple[_Anchor, ...]] = OrderedDict()
+        """hash of a prompt's first ANCHOR_HEAD characters -> anchors after them, most recent
+        first; at most maxPrompts / ANCHORS_PER_HEAD beginnings (LRU)."""
         self._bytes = 0
         self.evictions = 0
         self._generations: dict[str, int] = {}
@@ -354,16 +385,30 @@ class PrefixStore:
     # -- prefixes ----------------------------------------------------------------------
 
     def _chunks(self, prompt: str, model: str, add_special_tokens: bool, splitter: Splitter,
-                limit: int | None = None) -> Chunks:
+                limit: int | None = None, *, start: int = 0, origin: ChunkHash | None = None) -> Chunks:
         return Chunks.of(prompt, self._seed(model, add_special_tokens), self.config.block_size, splitter,
-                         limit if limit is not None else max(PLAN_CHARS, self.need_tokens * 8))
+                         limit if limit is not None else max(PLAN_CHARS, self.need_tokens * 8),
+                         start=start, origin=origin)
 
     def find_longest_contained_tokens(self, prompt: str, model: str, *, add_special_tokens: bool = False,
                                       splitter: Splitter) -> tuple[Run, Chunks, list[_Chunk]]:
         """The longest cached run of chunks from the prompt's start (possibly empty), the prompt's
-        chunks, and the run's chunks."""
-        chunks = self._chunks(prompt, model, add_special_tokens, splitter)
-        found: list[_Chunk] = []
+        chunks (after the anchor the run starts from, if any), and the run's chunks.
+
+        A prompt whose beginning is anchored (a long prefix seen in earlier prompts) is checked
+        against the anchor with two hashes and cut, hashed and looked up only after it: a new
+        question after a long cached system prompt costs what the question costs.
+        """
+        anchor = self._find_anchor(prompt, self._seed(model, add_special_tokens))
+        if anchor:
+            chars, _, _, origin, tokens, packed_keys, tail = anchor
+            chunks = self._chunks(prompt, model, add_special_tokens, splitter, start=chars, origin=origin)
+            run = Run(chars=chars, tokens=tokens, keys=list(memoryview(packed_keys).cast("Q")), anchor=anchor)
+            found: list[_Chunk] = [(chars, tail, b"")]  # the run's last tokens, for the next block's key
+        else:
+            chunks = self._chunks(prompt, model, add_special_tokens, splitter)
+            run, found = Run(), []
+        new: list[_Chunk] = []
         stored = self._chunks_by_hash
         with self._lock:
             for h in chunks.hashes:
@@ -371,17 +416,76 @@ class PrefixStore:
                 if chunk is None:
                     break
                 stored.move_to_end(h)
-                found.append(chunk)
-        run = Run(chunks=len(found))
-        if found:
-            run.chars = found[-1][0]
+                new.append(chunk)
+        if new:
+            run.chunks = len(new)
+            run.chars = new[-1][0]
             keys = run.keys
-            for _, packed, packed_keys in found:
-                run.tokens += len(packed)
+            tokens = 0
+            for _, packed, packed_keys in new:
+                tokens += len(packed)
                 if packed_keys:
                     keys.extend(memoryview(packed_keys).cast("Q"))
-            run.tokens //= 4
-        return run, chunks, found
+            run.tokens += tokens // 4
+        return run, chunks, found + new
+
+    # -- anchors -----------------------------------------------------------------------
+
+    def _find_anchor(self, prompt: str, seed: str) -> _Anchor | None:
+        """The longest anchor whose text the prompt starts with, or None (two hashes per
+        candidate: its last 64 characters, then everything up to it)."""
+        if len(prompt) < self.min_anchor_chars:
+            return None
+        head = hash((seed, prompt[:self.anchor_head]))
+        with self._lock:
+            candidates = self._anchors.get(head)
+            if not candidates:
+                return None
+            self._anchors.move_to_end(head)
+        for anchor in sorted(candidates, reverse=True) if len(candidates) > 1 else candidates:
+            chars = anchor[0]
+            if (chars <= len(prompt) and hash(prompt[max(0, chars - _CHECK_CHARS):chars]) == anchor[1]
+                    and hash((seed, prompt[:chars])) == anchor[2]):
+                return anchor
+        return None
+
+    def _record_anchor(self, plan: "Plan") -> None:
+        """Anchor the plan's prompt at the last chunk end after an added token that the store
+        already knew, if the run found any past its own anchor (on a worker, after the decision)."""
+        run, chunks, found = plan.run, plan.chunks, plan.found
+        assert chunks is not None
+        j = run.chunks - 1
+        while j >= 0 and not chunks.exact[j]:
+            j -= 1
+        chars = chunks.ends[j] if j >= 0 else 0
+        if chars < self.min_anchor_chars or (run.anchor and run.anchor[0] >= chars):
+            return
+        base = len(found) - run.chunks
+        upto = found[: base + j + 1]
+        keys = list(memoryview(run.anchor[5]).cast("Q")) if run.anchor else []
+        tokens = run.anchor[4] if run.anchor else 0
+        for _, packed, packed_keys in upto[base:]:
+            tokens += len(packed) // 4
+            if packed_keys:
+                keys.extend(memoryview(packed_keys).cast("Q"))
+        count = tokens - len(keys) * self.block_size if len(keys) < self.max_blocks else 0
+        text, seed = plan.prompt, self._seed(plan.model, plan.add_special_tokens)
+        anchor = (chars, hash(text[max(0, chars - _CHECK_CHARS):chars]), hash((seed, text[:chars])), chunks.hashes[j], tokens,
+                  array("Q", keys).tobytes(), array("I", _tail_tokens(upto, count)).tobytes())
+        head = hash((seed, text[:self.anchor_head]))
+        with self._lock:
+            kept = self._anchors.pop(head, ())
+            kept = (anchor,) + tuple(a for a in kept if a[:3] != anchor[:3])
+            for dropped in kept[ANCHORS_PER_HEAD:]:
+                self._bytes -= _anchor_bytes(dropped)
+                self.evictions += 1
+            kept = kept[:ANCHORS_PER_HEAD]
+            self._anchors[head] = kept
+            self._bytes += _anchor_bytes(anchor)
+            while len(self._anchors) > max(1, self.config.max_prompts // ANCHORS_PER_HEAD):
+                _, dropped_all = self._anchors.popitem(last=False)
+                self._bytes -= sum(_anchor_bytes(a) for a in dropped_all)
+                self.evictions += len(dropped_all)
 
     def plan(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> "Plan":
         """What the store knows of the prompt (cheap: hashing and lookups, no tokenizing)."""
@@ -402,7 +506,10 @@ class PrefixStore:
             return Tokenized(self.keyer(ids, None, self.max_blocks), len(ids), False, len(prompt), 0)
         need = self.need_tokens - run.tokens
         if need <= 0 or run.chars == len(prompt):
-            return Tokenized(run.keys, run.tokens, run.chars < len(prompt), run.chars, run.tokens)
+            result = Tokenized(run.keys, run.tokens, run.chars < len(prompt), run.chars, run.tokens)
+            if run.chunks:
+                result.fill = lambda: self._record_anchor(plan)
+            return result
         pieces = self._encode_until(plan.splitter, backend, prompt, run.chars, need,
                                     plan.add_special_tokens and run.chars == 0)
         new_ids = [t for _, _, encoding in pieces for t in encoding.ids]
@@ -411,8 +518,13 @@ class PrefixStore:
                                      self.max_blocks - len(run.keys))
         chars = pieces[-1][1]
         result = Tokenized(keys, run.tokens + len(new_ids), chars < len(prompt), chars, run.tokens)
-        result.fill = lambda: self._store_chunks(plan, pieces, keys)
+        result.fill = lambda: self._fill(plan, pieces, keys)
         return result
+
+    def _fill(self, plan: "Plan", pieces: list[tuple[int, int, object]], keys: list[int]) -> None:
+        self._store_chunks(plan, pieces, keys)
+        if plan.run.chunks:
+            self._record_anchor(plan)
 
     def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> Tokenized:
         """plan + finish, and the new chunks stored at once (tests, benchmarks)."""
@@ -454,7 +566,8 @@ class PrefixStore:
         chunks = plan.chunks
         assert chunks is not None
         if chunks.ends and chunks.ends[-1] < covered and covered - chunks.ends[-1] >= self.config.block_size:
-            chunks = self._chunks(text, plan.model, plan.add_special_tokens, splitter, covered + 2 * self.config.block_size)
+            chunks = self._chunks(text, plan.model, plan.add_special_tokens, splitter, covered + 2 * self.config.block_size,
+                                  start=chunks.start, origin=chunks.origin)
         starts = [first for first, _, _ in pieces]
         packed_pieces = [array("I", encoding.ids).tobytes() for _, _, encoding in pieces]
         block = self.block_size
@@ -498,6 +611,11 @@ class PrefixStore:
         return len(self._prompts)
 
     @property
+    def anchors(self) -> int:
+        with self._lock:
+            return sum(len(kept) for kept in self._anchors.values())
+
+    @property
     def memory_bytes(self) -> int:
         return self._bytes
 
@@ -518,6 +636,10 @@ class Plan:
     def to_encode(self) -> int:
         """Characters finish() may have to encode (an upper bound)."""
         return len(self.prompt) - self.run.chars
+
+
+def _anchor_bytes(anchor: _Anchor) -> int:
+    return len(anchor[5]) + len(anchor[6]) + _ENTRY_OVERHEAD
 
 
 def _tail_tokens(chunks: list[_Chunk], count: int) -> list[int]:

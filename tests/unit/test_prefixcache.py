@@ -41,10 +41,13 @@ def keys_of(tokens: list[int], block: int = 1, max_blocks: int = EVERY) -> list[
     return block_keys(tokens, block, max_blocks)
 
 
-def store(chunk_chars: int = 16, *, block: int = 1, max_blocks: int = EVERY, **config) -> PrefixStore:
+def store(chunk_chars: int = 16, *, block: int = 1, max_blocks: int = EVERY, anchored: bool = False,
+          **config) -> PrefixStore:
+    """A store cutting everywhere; ``anchored`` also anchors every prefix (not only long ones)."""
+    anchors = {"min_anchor_chars": 1, "anchor_head": 4} if anchored else {}
     return PrefixStore(PrefixStoreConfig(block_size=chunk_chars, **config), block_size=block, max_blocks=max_blocks,
                        keyer=lambda tokens, parent, n: block_keys(tokens, block, n, "chained", parent),
-                       min_window_chars=8)
+                       min_window_chars=8, **anchors)
 
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAMPLES", "300")), deadline=None,
@@ -217,7 +220,7 @@ def test_a_tokenizer_without_word_boundaries_splits_on_added_tokens_only(tokeniz
 
 @pytest.mark.parametrize("entries", [5, 50])
 def test_the_store_is_bounded_by_max_entries_and_max_prompts(tokenizer, entries):
-    c = store(16, maxEntries=entries, maxPrompts=entries) if False else PrefixStore(
+    c = PrefixStore(
         PrefixStoreConfig(block_size=16, max_entries=entries, max_prompts=entries), block_size=4, max_blocks=EVERY,
         keyer=lambda tokens, parent, n: block_keys(tokens, 4, n, "chained", parent))
     for i in range(200):
@@ -226,3 +229,90 @@ def test_the_store_is_bounded_by_max_entries_and_max_prompts(tokenizer, entries)
         c.put_prompt(c.prompt_key(text, MODEL, False), result)
     assert len(c) <= entries and c.prompts <= entries
     assert c.evictions > 0
+
+
+# -- anchors: a long known prefix is checked with two hashes, not cut and looked up again ----
+
+
+@SETTINGS
+@given(base=any_text, tails=st.lists(any_text, min_size=3, max_size=5), cuts=st.lists(st.integers(0, 200), min_size=5,
+       max_size=5), chunk=st.sampled_from([8, 16, 64]), block=st.sampled_from([1, 3]))
+def test_prompts_started_from_an_anchor_keep_exact_tokens(tokenizer, base, tails, cuts, chunk, block):
+    """Prompts sharing prefixes of any length, one after another in one store that anchors
+    every prefix it has seen twice: every prompt's keys and counts equal a full tokenization."""
+    c = store(chunk, block=block, anchored=True)
+    for tail, cut in zip(tails, cuts):
+        text = base[:cut] + tail if cut < len(base) else base + tail
+        result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False)
+        truth = full(tokenizer, text)
+        assert result.keys == keys_of(truth, block)
+        assert (result.tokens, result.cut) == (len(truth), False)
+
+
+@SETTINGS
+@given(history=conversation, replies=st.lists(any_text, min_size=2, max_size=4), chunk=st.sampled_from([16, 64, 256]))
+def test_a_growing_chat_started_from_anchors_keeps_exact_tokens(tokenizer, history, replies, chunk):
+    c = store(chunk, anchored=True)
+    messages = [{"role": r, "content": t} for r, t in history]
+    for reply in replies:
+        text = render_chat(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=messages))
+        assert c.tokenize(tokenizer, text, MODEL, add_special_tokens=False).keys == keys_of(full(tokenizer, text))
+        messages = messages + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": reply}]
+
+
+def test_a_new_question_after_a_long_system_prompt_starts_from_its_anchor(tokenizer):
+    """The second question anchors the shared system prompt; from the third on, only the text
+    after it is cut, hashed and looked up (with the store's default thresholds)."""
+    c = store(256, block=16)
+    system = "You answer questions about invoices, refunds and shipping, briefly and politely. " * 40
+    for question in ("first question", "second question"):
+        c.tokenize(tokenizer, chat_text(tokenizer, system, question), MODEL, add_special_tokens=False)
+    text = chat_text(tokenizer, system, "What is the refund window for damaged goods?")
+    plan = c.plan(tokenizer, text, MODEL, add_special_tokens=False)
+    new_turn = text.index("user\nWhat is the refund")
+    assert plan.run.anchor and plan.chunks.start == new_turn, "cut only after the shared system prompt"
+    result = c.finish(plan)
+    assert result.keys == keys_of(full(tokenizer, text), 16)
+    assert result.tokens == len(full(tokenizer, text))
+
+
+def test_an_anchor_is_not_taken_when_the_text_before_it_differs(tokenizer):
+    """Same beginning, same length, same last characters before the anchor: the whole-prefix
+    hash still tells them apart."""
+    c = store(256, block=16)
+    rules = "You help with invoices and refunds, politely. " * 30
+    system = rules + "Region: north. " + rules
+    for question in ("q one", "q two"):
+        c.tokenize(tokenizer, chat_text(tokenizer, system, question), MODEL, add_special_tokens=False)
+    assert c.plan(tokenizer, chat_text(tokenizer, system, "q three"), MODEL, add_special_tokens=False).run.anchor
+    other = rules + "Region: south. " + rules
+    text = chat_text(tokenizer, other, "q three")
+    plan = c.plan(tokenizer, text, MODEL, add_special_tokens=False)
+    assert not plan.run.anchor
+    assert c.finish(plan).keys == keys_of(full(tokenizer, text), 16)
+
+
+def test_a_changed_tokenizer_never_starts_from_an_old_anchor(tokenizer):
+    c = store(256, block=16)
+    system = "You answer questions about invoices, refunds and shipping, briefly and politely. " * 40
+    for question in ("first question", "second question"):
+        c.tokenize(tokenizer, chat_text(tokenizer, system, question), MODEL, add_special_tokens=False)
+    assert c.plan(tokenizer, chat_text(tokenizer, system, "third"), MODEL, add_special_tokens=False).run.anchor
+    c.forget_model(MODEL)
+    assert not c.plan(tokenizer, chat_text(tokenizer, system, "third"), MODEL, add_special_tokens=False).run.anchor
+
+
+def test_anchors_are_bounded_by_max_prompts(tokenizer):
+    """maxPrompts / 4 beginnings (LRU), 4 anchors each."""
+    c = store(64, block=4, anchored=True, max_prompts=8)
+    c.anchor_head = 32  # each tenant's prompts begin differently
+    for i in range(40):
+        system = f"Tenant {i:02d}. " + "Be brief and cite sources. " * 4
+        for question in ("one", "two"):
+            c.tokenize(tokenizer, chat_text(tokenizer, system, question), MODEL, add_special_tokens=False)
+    assert 0 < c.anchors <= 8
+    assert c.evictions > 0
+    tenant = "Tenant 39. " + "Be brief and cite sources. " * 4
+    assert c.plan(tokenizer, chat_text(tokenizer, tenant, "three"), MODEL, add_special_tokens=False).run.anchor
+    tenant = "Tenant 00. " + "Be brief and cite sources. " * 4
+    assert not c.plan(tokenizer, chat_text(tokenizer, tenant, "three"), MODEL, add_special_tokens=False).run.anchor
