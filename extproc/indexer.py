@@ -15,6 +15,7 @@ back to the full pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -157,9 +158,11 @@ class Indexer:
                     log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", outcome, result.tokens,
                               result.cached_tokens, len(keys))
         if fill is not None:
-            # Filling the prefix store waits until the decision is made: it is for later requests
-            # (even when the index fails below: the tokens are right either way).
-            self.tokenizers.background(self._fill, fill)
+            # Filling the prefix store is for later requests, so it starts once this decision is
+            # made and its caller has moved on (even when the index fails below: the tokens are
+            # right either way). Started earlier, the worker would hold the GIL while the
+            # decision waits on the index, and the decision would wait for the worker.
+            asyncio.get_running_loop().call_soon(self.tokenizers.background, self._fill, fill)
         t2 = time.perf_counter()
         hits, degraded = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()

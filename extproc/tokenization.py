@@ -300,7 +300,11 @@ class TokenizerManager:
         so optional work (filling the prefix store) never slows requests under load."""
         if self._foreground >= self._workers or not self._slots.acquire(blocking=False):
             return False
-        job = self._pool.submit(fn, *args)
+        try:
+            job = self._pool.submit(fn, *args)
+        except RuntimeError:  # shut down meanwhile (a deferred fill at exit)
+            self._slots.release()
+            return False
         self._background.add(job)
         job.add_done_callback(self._background_done)
         return True
@@ -310,7 +314,9 @@ class TokenizerManager:
         self._slots.release()
 
     async def settle(self) -> None:
-        """Wait for background jobs submitted so far (tests, benchmarks, shutdown)."""
+        """Wait for background jobs submitted so far, and those deferred until now (tests,
+        benchmarks, shutdown)."""
+        await asyncio.sleep(0)  # deferred submissions (call_soon) run first
         pending = list(self._background)
         if pending:
             await asyncio.wait([asyncio.wrap_future(job) for job in pending])
