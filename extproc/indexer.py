@@ -38,6 +38,9 @@ FAST_PATH_MAX_CHARS = 64 * 1024
 
 ERROR_LOG_INTERVAL = 10.0
 
+INLINE_FILL_TOKENS = 512
+"""A prefix store fill for at most this many newly encoded tokens runs on the event loop."""
+
 
 @dataclass(slots=True)
 class PrefixMatch:
@@ -125,6 +128,7 @@ class Indexer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         fill: Callable[[], None] | None = None
+        fill_here = False
         if request.token_ids is not None:
             total = len(request.token_ids)
             self._check_length(total)
@@ -150,6 +154,7 @@ class Indexer:
             timings["tokenize"] = time.perf_counter() - t0
             self._check_length(total)
             keys, fill = result.keys, result.fill
+            fill_here = result.tokens - result.cached_tokens <= INLINE_FILL_TOKENS
             self.cache.record(outcome)
             if log.isEnabledFor(logging.DEBUG):
                 if outcome == "hit":
@@ -160,9 +165,14 @@ class Indexer:
         if fill is not None:
             # Filling the prefix store is for later requests, so it starts once this decision is
             # made and its caller has moved on (even when the index fails below: the tokens are
-            # right either way). Started earlier, the worker would hold the GIL while the
-            # decision waits on the index, and the decision would wait for the worker.
-            asyncio.get_running_loop().call_soon(self.tokenizers.background, self._fill, fill)
+            # right either way). Started earlier, a worker would hold the GIL while the decision
+            # waits on the index, and the decision would wait for the worker. A small fill (a
+            # new turn's chunks) runs on the event loop: cheaper than handing it to a thread.
+            loop = asyncio.get_running_loop()
+            if fill_here:
+                loop.call_soon(self._fill, fill)
+            else:
+                loop.call_soon(self.tokenizers.background, self._fill, fill)
         t2 = time.perf_counter()
         hits, degraded = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
@@ -258,7 +268,7 @@ class Indexer:
         if known is not None:
             return known, "hit", known.estimated
         plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
-        result = store.finish(plan)
+        result = store.finish(plan, off_loop=True)
         result.estimated = result.estimated_total(len(text))
         store.put_prompt(key, result)
         return result, "partial" if plan.run.tokens else "miss", result.estimated
@@ -362,7 +372,7 @@ class Indexer:
 
 
 def _finish(tokenizer, store, plan) -> Tokenized:
-    return store.finish(plan)
+    return store.finish(plan, off_loop=True)
 
 
 def _by_model(refs: Sequence[tuple[str, int]]) -> dict[str, list[int]]:

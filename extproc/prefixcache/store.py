@@ -29,8 +29,11 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from ..config import PrefixStoreConfig
+from ..tokenization import encode_off_loop
 
 log = logging.getLogger("extproc.prefixcache")
 
@@ -497,12 +500,16 @@ class PrefixStore:
                                                                 splitter=splitter)
         return Plan(prompt, model, tokenizer, splitter, run, chunks, found, add_special_tokens=add_special_tokens)
 
-    def finish(self, plan: "Plan") -> Tokenized:
-        """Encode what the plan lacks, until every block that can match is known, and key it."""
+    def finish(self, plan: "Plan", *, off_loop: bool = False) -> Tokenized:
+        """Encode what the plan lacks, until every block that can match is known, and key it.
+
+        ``off_loop``: on a worker thread, encoding without the GIL (the event loop runs on).
+        """
         run, prompt = plan.run, plan.prompt
         backend = plan.tokenizer.backend_tokenizer
+        encode = partial(encode_off_loop, backend) if off_loop else backend.encode
         if plan.whole:
-            ids = backend.encode(prompt, add_special_tokens=True).ids
+            ids = encode(prompt, add_special_tokens=True).ids
             return Tokenized(self.keyer(ids, None, self.max_blocks), len(ids), False, len(prompt), 0)
         need = self.need_tokens - run.tokens
         if need <= 0 or run.chars == len(prompt):
@@ -510,7 +517,7 @@ class PrefixStore:
             if run.chunks:
                 result.fill = lambda: self._record_anchor(plan)
             return result
-        pieces = self._encode_until(plan.splitter, backend, prompt, run.chars, need,
+        pieces = self._encode_until(plan.splitter, encode, prompt, run.chars, need,
                                     plan.add_special_tokens and run.chars == 0)
         new_ids = [t for _, _, encoding in pieces for t in encoding.ids]
         rest = _tail_tokens(plan.found, run.tokens - len(run.keys) * self.block_size)
@@ -526,14 +533,16 @@ class PrefixStore:
         if plan.run.chunks:
             self._record_anchor(plan)
 
-    def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool) -> Tokenized:
+    def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool,
+                 off_loop: bool = False) -> Tokenized:
         """plan + finish, and the new chunks stored at once (tests, benchmarks)."""
-        result = self.finish(self.plan(tokenizer, prompt, model, add_special_tokens=add_special_tokens))
+        result = self.finish(self.plan(tokenizer, prompt, model, add_special_tokens=add_special_tokens),
+                             off_loop=off_loop)
         if result.fill is not None:
             result.fill()
         return result
 
-    def _encode_until(self, splitter: Splitter, backend, text: str, start: int, need: int,
+    def _encode_until(self, splitter: Splitter, encode: Callable[..., Any], text: str, start: int, need: int,
                       add_special_tokens: bool) -> list[tuple[int, int, object]]:
         """Encode text from ``start`` in pieces cut at split points, until ``need`` tokens or the
         end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
@@ -550,7 +559,7 @@ class PrefixStore:
                 if cut <= pos:
                     window *= 2  # no split point in this stretch: look further
                     continue
-            encoding = backend.encode(text[pos:cut], add_special_tokens=add_special_tokens and pos == 0)
+            encoding = encode(text[pos:cut], add_special_tokens=add_special_tokens and pos == 0)
             pieces.append((pos, cut, encoding))
             got += len(encoding.ids)
             # Next stretch: what is still needed at the characters per token seen so far, plus a margin.

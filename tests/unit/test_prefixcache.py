@@ -17,7 +17,7 @@ from extproc.blocks import block_keys
 from extproc.config import PrefixStoreConfig
 from extproc.prefixcache import PrefixStore, Splitter
 from extproc.requests import RoutingRequest
-from extproc.tokenization import render_chat
+from extproc.tokenization import encode_off_loop, render_chat
 
 MODEL = "Qwen/Qwen3-0.6B"
 EVERY = 10**9
@@ -55,17 +55,29 @@ SETTINGS = settings(max_examples=int(__import__("os").environ.get("PROPERTY_EXAM
 
 
 @SETTINGS
-@given(first=any_text, second=any_text, cut=st.integers(0, 200), chunk=st.sampled_from([8, 16, 64]))
-def test_cached_tokens_equal_a_full_tokenization(tokenizer, first, second, cut, chunk):
-    """Cache one text, then tokenize another sharing a prefix of any length with it."""
+@given(first=any_text, second=any_text, cut=st.integers(0, 200), chunk=st.sampled_from([8, 16, 64]),
+       off_loop=st.booleans())
+def test_cached_tokens_equal_a_full_tokenization(tokenizer, first, second, cut, chunk, off_loop):
+    """Cache one text, then tokenize another sharing a prefix of any length with it (on the
+    event loop's encode, or a worker's, which releases the GIL)."""
     c = store(chunk)
-    c.tokenize(tokenizer, first, MODEL, add_special_tokens=False)
+    c.tokenize(tokenizer, first, MODEL, add_special_tokens=False, off_loop=off_loop)
     other = first[:cut] + second
-    result = c.tokenize(tokenizer, other, MODEL, add_special_tokens=False)
+    result = c.tokenize(tokenizer, other, MODEL, add_special_tokens=False, off_loop=off_loop)
     truth = full(tokenizer, other)
     assert result.keys == keys_of(truth)
     assert (result.tokens, result.cut) == (len(truth), False)
     assert result.cached_tokens <= len(truth)
+
+
+@SETTINGS
+@given(text=any_text, special=st.booleans())
+def test_a_worker_encodes_exactly_what_the_event_loop_encodes(tokenizer, text, special):
+    """Workers encode a batch of one (the Rust tokenizer releases the GIL for batches only)."""
+    backend = tokenizer.backend_tokenizer
+    off_loop = encode_off_loop(backend, text, add_special_tokens=special)
+    on_loop = backend.encode(text, add_special_tokens=special)
+    assert (off_loop.ids, off_loop.offsets) == (on_loop.ids, on_loop.offsets)
 
 
 @SETTINGS
