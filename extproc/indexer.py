@@ -162,19 +162,12 @@ class Indexer:
                 else:
                     log.debug("CACHE MISS outcome=%s tokens=%d cached_tokens=%d blocks=%d", outcome, result.tokens,
                               result.cached_tokens, len(keys))
-        if fill is not None:
-            # Filling the prefix store is for later requests, so it starts once this decision is
-            # made and its caller has moved on (even when the index fails below: the tokens are
-            # right either way). Started earlier, a worker would hold the GIL while the decision
-            # waits on the index, and the decision would wait for the worker. A small fill (a
-            # new turn's chunks) runs on the event loop: cheaper than handing it to a thread.
-            loop = asyncio.get_running_loop()
-            if fill_here:
-                loop.call_soon(self._fill, fill)
-            else:
-                loop.call_soon(self.tokenizers.background, self._fill, fill)
         t2 = time.perf_counter()
-        hits, degraded = await self._owners(request.model, keys, pod_ids)
+        try:
+            hits, degraded = await self._owners(request.model, keys, pod_ids)
+        finally:
+            if fill is not None:
+                self._schedule_fill(fill, fill_here)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
         matched, weighted = self._runs(hits, pod_ids)
@@ -318,6 +311,17 @@ class Indexer:
         if speculation is not None:
             speculation.overlay(model, keys, known, depth)
         return known, False  # type: ignore[return-value]
+
+    def _schedule_fill(self, fill: Callable[[], None], here: bool) -> None:
+        """Fill the prefix store for later requests once the index has answered (or failed: the
+        tokens are right either way); from here the decision runs without waiting, so a worker
+        waiting for the GIL starts when it is made. Started before the lookup, the worker held
+        the GIL while the decision waited on the index (a 4k-token miss: lookup 1.3 -> 3.7 ms).
+        A small fill (a new turn's chunks) runs on the event loop, after the decision."""
+        if here:
+            asyncio.get_running_loop().call_soon(self._fill, fill)
+        else:
+            self.tokenizers.background(self._fill, fill)
 
     @staticmethod
     def _fill(fill: Callable[[], None]) -> None:

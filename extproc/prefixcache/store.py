@@ -548,9 +548,10 @@ class PrefixStore:
         end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
         tokenization gives there."""
         pieces: list[tuple[int, int, object]] = []
-        # A character per token at first (no tokenizer yields fewer), then the rate seen so far:
-        # far past the cut, every token encoded is wasted (2 us each on a dense 1 MB document).
-        window = max(need, self.min_window_chars)
+        # Two characters per token at first (a whole prompt of up to that many tokens in one
+        # encode: a second call costs more than it saves there), then the rate seen so far plus
+        # 5%: far past the cut, every token encoded is wasted (2 us each on a dense document).
+        window = max(need * 2, self.min_window_chars)
         pos, got = start, 0
         while pos < len(text) and got < need:
             end = pos + window
