@@ -14,7 +14,10 @@ the measurement is the proxy path, not a Python HTTP server. Variants:
 - ``nocache``: kv-extproc with the prefix cache off, same prompt every time;
 - ``memory``: the hit workload with the in-process index instead of Redis;
 - ``noload``: the hit workload without the engines' /metrics scraper (load.enabled false).
-Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor. Then
+Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor, and for the
+variants whose bodies wrk makes unique per request (``turn``, ``miss``) also to the floor driven
+by that same wrk script (``*_floor_same_client``: the Lua that makes each body runs on the same
+two cores, and the plain floor does not pay it). Then
 ``doc``: a unique 1 MB document after a cached system prompt, sent one at a time (median of
 several), through the floor and kv-extproc, in both body modes.
 
@@ -319,8 +322,17 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                         if ref in row_base and ref != variant:
                             row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
                             row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
+                    if unique and "floor" in urls:
+                        # wrk makes each unique body in Lua, on the same two cores: the floor is also
+                        # measured with this client, so the comparison charges kv-extproc only.
+                        wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
+                        same = wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
+                        row["floor_same_client"] = same
+                        row["rps_vs_floor_same_client"] = stats["rps"] / same["rps"]
+                        row["p50_minus_floor_same_client_ms"] = stats["p50_ms"] - same["p50_ms"]
                     results["rows"].append(row)
-                    extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith(("rps_vs", "p50_minus")))
+                    extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items()
+                                      if k.startswith(("rps_vs", "p50_minus")) and not isinstance(v, dict))
                     print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
                           f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}",
                           flush=True)
