@@ -454,7 +454,8 @@ class PrefixStore:
 
     def _record_anchor(self, plan: "Plan") -> None:
         """Anchor the plan's prompt at the last chunk end after an added token that the store
-        already knew, if the run found any past its own anchor (on a worker, after the decision)."""
+        already knew, if the run found any past its own anchor (with the store fill, after the
+        decision)."""
         run, chunks, found = plan.run, plan.chunks, plan.found
         assert chunks is not None
         j = run.chunks - 1
@@ -473,7 +474,8 @@ class PrefixStore:
                 keys.extend(memoryview(packed_keys).cast("Q"))
         count = tokens - len(keys) * self.block_size if len(keys) < self.max_blocks else 0
         text, seed = plan.prompt, self._seed(plan.model, plan.add_special_tokens)
-        anchor = (chars, hash(text[max(0, chars - _CHECK_CHARS):chars]), hash((seed, text[:chars])), chunks.hashes[j], tokens,
+        check = hash(text[max(0, chars - _CHECK_CHARS):chars])
+        anchor = (chars, check, hash((seed, text[:chars])), chunks.hashes[j], tokens,
                   array("Q", keys).tobytes(), array("I", _tail_tokens(upto, count)).tobytes())
         head = hash((seed, text[:self.anchor_head]))
         with self._lock:
@@ -566,7 +568,8 @@ class PrefixStore:
             pieces.append((pos, cut, encoding))
             got += len(encoding.ids)
             # Next stretch: what is still needed at the characters per token seen so far, plus a margin.
-            window = max(min(self.min_window_chars, 1024), int((need - got) * (cut - start) / max(got, 1) * 1.05) + 128)
+            rate = (cut - start) / max(got, 1)
+            window = max(min(self.min_window_chars, 1024), int((need - got) * rate * 1.05) + 128)
             pos = cut
         return pieces
 
