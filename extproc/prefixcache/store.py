@@ -423,13 +423,7 @@ class PrefixStore:
         if new:
             run.chunks = len(new)
             run.chars = new[-1][0]
-            keys = run.keys
-            tokens = 0
-            for _, packed, packed_keys in new:
-                tokens += len(packed)
-                if packed_keys:
-                    keys.extend(memoryview(packed_keys).cast("Q"))
-            run.tokens += tokens // 4
+            run.tokens += _add_keys(new, run.keys)
         return run, chunks, found + new
 
     # -- anchors -----------------------------------------------------------------------
@@ -467,11 +461,7 @@ class PrefixStore:
         base = len(found) - run.chunks
         upto = found[: base + j + 1]
         keys = list(memoryview(run.anchor[5]).cast("Q")) if run.anchor else []
-        tokens = run.anchor[4] if run.anchor else 0
-        for _, packed, packed_keys in upto[base:]:
-            tokens += len(packed) // 4
-            if packed_keys:
-                keys.extend(memoryview(packed_keys).cast("Q"))
+        tokens = (run.anchor[4] if run.anchor else 0) + _add_keys(upto[base:], keys)
         count = tokens - len(keys) * self.block_size if len(keys) < self.max_blocks else 0
         text, seed = plan.prompt, self._seed(plan.model, plan.add_special_tokens)
         check = hash(text[max(0, chars - _CHECK_CHARS):chars])
@@ -651,6 +641,16 @@ class Plan:
     def to_encode(self) -> int:
         """Characters finish() may have to encode (an upper bound)."""
         return len(self.prompt) - self.run.chars
+
+
+def _add_keys(chunks: list[_Chunk], keys: list[int]) -> int:
+    """Append the block keys the chunks carry to ``keys``; the tokens the chunks hold."""
+    size = 0
+    for _, packed, packed_keys in chunks:
+        size += len(packed)
+        if packed_keys:
+            keys.extend(memoryview(packed_keys).cast("Q"))
+    return size // 4
 
 
 def _anchor_bytes(anchor: _Anchor) -> int:
