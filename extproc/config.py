@@ -368,9 +368,19 @@ class ScoringConfig(_Section):
     picker: str = "max"
     """max: the highest total; ties go to the fewest requests in flight, then take turns.
     weightedRandom: at random, in proportion to the totals."""
-    queued_request_tokens: int = 1536
-    """ttft scorer: what one request ahead in a pod's queue costs, in prompt tokens to compute
-    (chosen on the fleet simulator among 1024..3072)."""
+    queued_request_tokens: int = 512
+    """ttft scorer: what one request ahead in a pod's queue costs on top of what we know of
+    it, in prompt tokens to compute (chosen on the fleet simulator among 0..3072)."""
+    request_tokens: int = 1536
+    """ttft scorer: what one of our open requests costs its pod besides its prefill (its
+    decode), in prompt tokens, shrinking over the pod's typical request lifetime (chosen on
+    the fleet simulator among 1024..2048)."""
+    max_start_ratio: float = 1.25
+    """ttft scorer's tail guard: a pod where this request would start later than this x the
+    soonest start (+ startSlackTokens) is not chosen for its cache (chosen on the fleet
+    simulator among 1.25 and 1.5; 0: off)."""
+    start_slack_tokens: int = 256
+    """ttft scorer's tail guard: the start difference, in prompt tokens, always allowed."""
     speculative_ttl: Duration = msgspec.field(default=Duration(2.0), name="speculativeTTL")
     """A pod a request was just sent to counts as holding its blocks this long, until its KV
     events say so (0: off), so a burst sharing a new prefix does not scatter."""
@@ -378,8 +388,10 @@ class ScoringConfig(_Section):
     def __post_init__(self) -> None:
         if not self.scorers:
             raise ValueError("scorers must list at least one scorer")
-        if self.queued_request_tokens < 0 or self.speculative_ttl < 0:
-            raise ValueError("queuedRequestTokens and speculativeTTL must not be negative")
+        if min(self.queued_request_tokens, self.request_tokens, self.speculative_ttl, self.start_slack_tokens) < 0:
+            raise ValueError("queuedRequestTokens, requestTokens, startSlackTokens and speculativeTTL must not be negative")
+        if self.max_start_ratio and self.max_start_ratio < 1:
+            raise ValueError(f"maxStartRatio must be at least 1 (or 0: off), got {self.max_start_ratio}")
 
 
 class LoadConfig(_Section):

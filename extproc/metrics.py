@@ -200,7 +200,8 @@ class _PodCollector(Collector):
                 ("kv_cache_usage", "The engine's vllm:kv_cache_usage_perc, last scraped (0..1)."))}
             owed = GaugeMetricFamily("kv_extproc_pod_owed_prefill_tokens",
                                      "Uncached prompt tokens of this process's open requests to the pod, as each "
-                                     "decision estimated them (what the ttft scorer counts ahead of a new request).",
+                                     "decision estimated them (the ttft scorer counts them ahead of a new request, "
+                                     "with each one's decode, shrinking as it ages).",
                                      labels=["pod"])
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)

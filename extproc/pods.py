@@ -9,6 +9,7 @@ A pod that fails its health checks (podhealth.py) is no candidate until it answe
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,6 +19,22 @@ from .endpoints import candidates_of
 
 if TYPE_CHECKING:
     from .load import EngineLoad
+
+
+LIFETIME_WEIGHT = 0.1
+"""How much one finished request moves a pod's typical request lifetime (an EWMA)."""
+
+
+@dataclass(eq=False, slots=True)
+class OpenRequest:
+    """One of this replica's requests on a pod, from its routing to the end of its stream."""
+
+    at: float
+    """When it was routed (the clock of the ``Pod.opened`` call)."""
+    tokens: int
+    """Prompt tokens the pod had to compute for it, as the decision estimated them."""
+    counted: bool = True
+    """Still in the pod's decaying sums (not ended, not older than the typical lifetime)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -41,9 +58,72 @@ class Pod:
     open_tokens: int = 0
     """Prompt tokens this replica's open requests here had to compute (uncached, as estimated
     when each was routed): the prefill work it knows is queued or running on the pod."""
+    lifetime: float | None = None
+    """A typical request's time here, routing to stream end (an EWMA of ours; None: none ended yet)."""
+    _open: deque = field(default_factory=deque)
+    """OpenRequests in routing order (ended ones leave lazily, from the front)."""
+    _sums: list = field(default_factory=lambda: [0, 0.0, 0, 0.0, 0.0])
+    """Over the counted open requests: count, sum of at, sum of tokens, sum of tokens x at,
+    each at taken from the epoch (the last element: the first at since the sums were empty),
+    so the sums stay small however long the process runs."""
     rank: int | None = None
     """The data-parallel rank this candidate is, behind its pod's one address (vLLM
     --data-parallel-size): requests are pinned to it with vLLM's X-data-parallel-rank header."""
+
+    def opened(self, tokens: int, now: float) -> OpenRequest:
+        """This replica routed a request here that must compute ``tokens``."""
+        entry = OpenRequest(now, tokens)
+        self.in_flight += 1
+        self.routed += 1
+        self.open_tokens += tokens
+        self._open.append(entry)
+        self._add(entry, 1)
+        return entry
+
+    def closed(self, entry: OpenRequest, now: float) -> None:
+        """Its stream ended: it no longer holds the pod, and its time teaches the lifetime."""
+        self.in_flight -= 1
+        self.open_tokens -= entry.tokens
+        if entry.counted:
+            entry.counted = False
+            self._add(entry, -1)
+        took = max(0.0, now - entry.at)
+        self.lifetime = took if self.lifetime is None else self.lifetime + LIFETIME_WEIGHT * (took - self.lifetime)
+
+    def owed(self, now: float, request_tokens: float) -> float:
+        """The work our open requests still bring here, in prompt tokens: each one's prefill plus
+        ``request_tokens`` (its decode), shrinking linearly over the pod's typical lifetime,
+        since a request routed that long ago has most likely done its work. Without a
+        lifetime yet, nothing shrinks. O(1) amortised: sums, and the oldest leave first."""
+        queue, sums, life = self._open, self._sums, self.lifetime
+        while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
+            entry = queue.popleft()
+            if entry.counted:
+                entry.counted = False
+                self._add(entry, -1)
+        count, at, tokens, tokens_at, epoch = sums
+        if not count:
+            return 0.0
+        work = tokens + request_tokens * count
+        if life is None:
+            return float(work)
+        if life <= 0:  # ours end at once here: nothing is owed
+            return 0.0
+        done = ((now - epoch) * work - (tokens_at + request_tokens * at)) / life
+        return max(0.0, work - done)
+
+    def _add(self, entry: OpenRequest, sign: int) -> None:
+        sums = self._sums
+        if not sums[0]:
+            sums[4] = entry.at
+        sums[0] += sign
+        if not sums[0]:  # empty: start again from exact zeros (no rounding left behind)
+            sums[1], sums[2], sums[3] = 0.0, 0, 0.0
+            return
+        at = entry.at - sums[4]
+        sums[1] += sign * at
+        sums[2] += sign * entry.tokens
+        sums[3] += sign * entry.tokens * at
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""

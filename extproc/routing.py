@@ -44,13 +44,15 @@ class NoRoute(Exception):
 
 class Router:
     def __init__(self, pool: PodPool, indexer: Indexer, profile: Profile, metrics: Metrics, *,
-                 decision_timeout: float, log_prompts: bool = False):
+                 decision_timeout: float, log_prompts: bool = False, clock=time.monotonic):
         self.pool = pool
         self.indexer = indexer
         self.profile = profile
         self.metrics = metrics
         self.decision_timeout = decision_timeout
         self.log_prompts = log_prompts
+        self.clock = clock
+        """Stamps decisions; the pods' open requests must be stamped on the same clock."""
         self._warn = ThrottledLog(log)
         self._subset = SubsetHint()
 
@@ -108,7 +110,7 @@ class Router:
             self.metrics.index_errors.inc()
             self._warn.warning("index_partial", "index unavailable: routing by the block owners this replica knows")
         context = Context(request, match.matched, match.total_blocks, self.indexer.block_size, match.prompt_tokens,
-                          match.weighted)
+                          match.weighted, self.clock())
         decision = self.profile.decide(context, candidates)
         self.indexer.routed(request.model, match.keys, decision.pod.id, decision.matched_blocks)
         elapsed = time.perf_counter() - started

@@ -75,7 +75,7 @@ class ExtProcService:
 class _Stream:
     """State of one HTTP request's ext_proc stream."""
 
-    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "open_tokens", "done", "subset", "headers_held")
+    __slots__ = ("svc", "full_duplex", "path", "routed", "remove", "body", "pod", "open", "done", "subset", "headers_held")
 
     def __init__(self, svc: ExtProcService):
         self.svc = svc
@@ -85,7 +85,7 @@ class _Stream:
         self.remove: tuple[str, ...] = (svc.routing_header,)
         self.body = bytearray()
         self.pod: Pod | None = None
-        self.open_tokens = 0
+        self.open = None
         self.done = False
         self.subset: frozenset[str] | None = None
         self.headers_held = False
@@ -165,10 +165,7 @@ class _Stream:
         extra: tuple[tuple[str, str], ...] = ()
         if decision is not None:
             self.pod = decision.pod
-            self.pod.in_flight += 1
-            self.pod.routed += 1
-            self.open_tokens = decision.uncached_tokens
-            self.pod.open_tokens += self.open_tokens
+            self.open = self.pod.opened(decision.uncached_tokens, self.svc.router.clock())
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
             if self.pod.rank is not None:
@@ -230,8 +227,7 @@ class _Stream:
 
     def release(self) -> None:
         if self.pod is not None:
-            self.pod.in_flight -= 1
-            self.pod.open_tokens -= self.open_tokens
+            self.pod.closed(self.open, self.svc.router.clock())
             self.svc.metrics.in_flight.labels(self.pod.id).dec()
             self.pod = None
 

@@ -24,7 +24,9 @@ __all__ = ["Context", "Decision", "Filter", "Picker", "Profile", "Scorer", "Scor
 
 SCORERS: dict[str, Callable[[ScoringConfig], Scorer]] = {
     "prefix": lambda config: PrefixScorer(),
-    "ttft": lambda config: TtftScorer(config.queued_request_tokens),
+    "ttft": lambda config: TtftScorer(config.queued_request_tokens, config.request_tokens,
+                                         max_start_ratio=config.max_start_ratio,
+                                         start_slack_tokens=config.start_slack_tokens),
     "queue": lambda config: QueueScorer(),
     "inFlight": lambda config: InFlightScorer(),
     "kvCacheUtilization": lambda config: KvUtilizationScorer(),

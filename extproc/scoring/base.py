@@ -8,6 +8,7 @@ decision log and metrics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,8 @@ class Context:
     """The prompt's tokens (estimated past the blocks that can match)."""
     weighted: dict[str, float] | None = None
     """pod id -> its run weighted by tier (GPU 1, CPU less, ...); None: every block counts 1."""
+    now: float = field(default_factory=time.monotonic)
+    """The decision's time, on the clock the pods' open requests were stamped with."""
 
     def uncached_tokens(self, pod_id: str) -> int:
         """Prompt tokens the pod would have to compute (prefill) for this request; a block held

@@ -1,19 +1,29 @@
-"""The time-to-first-token scorer: where this request will start producing soonest.
+"""The time-to-first-token scorer: where this request will start producing soonest, without
+making the requests behind it wait for a prefix it could have found cached.
 
-cost(pod) = (1 + L) x tokens the pod must compute for this prompt (those it does not hold)
-          + tokens it must compute for this replica's open requests there (Pod.open_tokens)
-          + requests ahead of it x queuedRequestTokens
+start(pod) = tokens the pod must compute for this prompt (those it does not hold)
+           + owed: the work of this replica's open requests there (Pod.owed): each one's
+             uncached tokens + requestTokens (its decode), shrinking linearly with its age
+             over the pod's typical request lifetime (what ours took there, an EWMA)
+           + requests ahead of it x queuedRequestTokens
+cost(pod)  = start(pod) + L x tokens the pod must compute for this prompt
 in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus
 the other replicas' share of the engine's last reading; without any reading, our own): each
-costs its decode and the work we cannot see (another replica's prefill). L =
-the mean of requests ahead over the candidates: while the fleet has a queue, every token a
-pod computes for this request delays the requests queued behind it, so the busier the fleet,
-the more a cached prefix is worth (measured: bench/fleet.py, README). score = (min cost + b)
-/ (cost + b), 1 for the soonest start (b = one block, so costs near zero compare sensibly).
+costs the work we cannot see (another replica's prefill and decode, how far ours really
+are). L = the mean of requests ahead over the candidates: while the fleet has a queue, every
+token a pod computes for this request delays the requests queued behind it, so the busier the
+fleet, the more a cached prefix is worth.
+
+The tail guard: a pod whose start is later than maxStartRatio x the soonest start +
+startSlackTokens scores 0, whatever its cache saves the others. L buys hit rate (the mean);
+the guard stops it from buying it with one request's long wait (the p99). score = (min cost +
+b) / (cost + b) for the others, 1 for the cheapest (b = one block, so costs near zero compare
+sensibly).
 
 This is the guard against piling as well: a pod holding the whole prefix but with work
 queued ahead loses to one that must prefill part of it but starts now, by exactly as much
 as the queue costs; a hot prefix spreads to as many pods as its load needs.
+Measured on bench/fleet.py; the figures and the values tried are in the README.
 """
 
 from __future__ import annotations
@@ -28,8 +38,12 @@ from .load import ahead, fill_unknown
 class TtftScorer:
     name = "ttft"
 
-    def __init__(self, queued_request_tokens: int = 1536):
+    def __init__(self, queued_request_tokens: int = 512, request_tokens: int = 1536, *,
+                 max_start_ratio: float = 1.25, start_slack_tokens: int = 256):
         self.queued_request_tokens = queued_request_tokens
+        self.request_tokens = request_tokens
+        self.max_start_ratio = max_start_ratio
+        self.start_slack_tokens = start_slack_tokens
 
     def score(self, context: Context, pods: Sequence[Pod]) -> Scores:
         known = {pod.id: ahead(pod) for pod in pods}
@@ -37,8 +51,13 @@ class TtftScorer:
             queue = {pod.id: float(pod.in_flight) for pod in pods}  # no engine readings: our own view
         else:
             queue = {pod.id: max(float(pod.in_flight), q) for pod, q in zip(pods, fill_unknown(known).values())}
-        weight = 1.0 + sum(queue.values()) / len(queue)
-        cost = {pod.id: weight * context.uncached_tokens(pod.id) + pod.open_tokens + queue[pod.id] * self.queued_request_tokens
-                for pod in pods}
-        base = min(cost.values()) + max(1, context.block_tokens)
-        return Scores({pod: base / (c + max(1, context.block_tokens)) for pod, c in cost.items()}, cost)
+        busy = sum(queue.values()) / len(queue)
+        uncached = {pod.id: context.uncached_tokens(pod.id) for pod in pods}
+        start = {pod.id: uncached[pod.id] + pod.owed(context.now, self.request_tokens)
+                 + queue[pod.id] * self.queued_request_tokens for pod in pods}
+        cost = {pod: start[pod] + busy * uncached[pod] for pod in start}
+        latest = (self.max_start_ratio * min(start.values()) + self.start_slack_tokens
+                  if self.max_start_ratio else float("inf"))
+        block = max(1, context.block_tokens)
+        base = min(c for pod, c in cost.items() if start[pod] <= latest) + block
+        return Scores({pod: base / (c + block) if start[pod] <= latest else 0.0 for pod, c in cost.items()}, cost)

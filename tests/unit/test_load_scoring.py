@@ -8,6 +8,8 @@ import collections
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc import scoring
 from extproc.config import PodConfig, from_dict
@@ -46,8 +48,11 @@ def engine(pod, waiting=0.0, running=0.0, kv=0.0):
     record(pod, EngineLoad(waiting, running, kv, time.monotonic()))
 
 
-def decide(prof, pods, matched, *, total_blocks=8, block=16, prompt_tokens=128):
-    return prof.decide(Context(REQUEST, matched, total_blocks, block, prompt_tokens), pods)
+def decide(prof, pods, matched, *, total_blocks=8, block=16, prompt_tokens=128, now=None):
+    context = Context(REQUEST, matched, total_blocks, block, prompt_tokens)
+    if now is not None:
+        context.now = now
+    return prof.decide(context, pods)
 
 
 def test_vllm_metrics_are_summed_over_engines():
@@ -103,6 +108,22 @@ def test_the_busier_the_fleet_the_more_a_cached_prefix_is_worth():
     assert d.pod.id == "a", "150 < 1.5 x 128, though b alone would start its 128 tokens sooner"
 
 
+def test_a_cached_pod_does_not_win_by_making_this_request_start_much_later():
+    """The tail guard: a holds the whole 2048-token prompt with 6 requests ahead (3072 to
+    wait), b holds nothing and is idle (2048 to compute). Weighed for the fleet (L = 3), a
+    saves the others 3 x 2048; but this request would start 1.5x later there, past 1.25x +
+    256, so b takes it. Without the guard, a would."""
+    p = pool("a", "b")
+    engine(p.get("a"), waiting=6)
+    engine(p.get("b"))
+    kwargs = dict(total_blocks=128, prompt_tokens=2048)
+    d = decide(profile(), p.all(), {"a": 128}, **kwargs)
+    assert d.raw["ttft"] == {"a": 6 * 512, "b": 2048 + 3 * 2048}
+    assert d.pod.id == "b"
+    assert decide(profile(maxStartRatio=0), p.all(), {"a": 128}, **kwargs).pod.id == "a"
+    assert decide(profile(maxStartRatio=1.5), p.all(), {"a": 128}, **kwargs).pod.id == "a", "3072 <= 1.5 x 2048"
+
+
 def test_requests_sent_since_the_last_reading_count_as_queued():
     p = pool("a", "b")
     engine(p.get("a"))
@@ -120,12 +141,78 @@ def test_the_prefill_our_open_requests_still_need_counts_ahead():
     p = pool("a", "b")
     for pod in p.all():
         engine(pod)
-        pod.in_flight = 1
-    p.get("a").open_tokens, p.get("b").open_tokens = 4000, 100
-    d = decide(profile(), p.all(), {})
+    p.get("a").opened(4000, 0.0)
+    p.get("b").opened(100, 0.0)
+    d = decide(profile(), p.all(), {}, now=0.0)
     assert d.pod.id == "b"
     assert d.raw["ttft"]["a"] - d.raw["ttft"]["b"] == 3900
     assert d.uncached_tokens == 128, "the decision says what the chosen pod must compute"
+
+
+def test_a_pod_whose_request_is_nearly_done_goes_before_one_whose_request_just_began():
+    """Both pods run one of our requests of the same size, and ours take 1 s there. The one
+    routed 0.9 s ago has a tenth of its work left; the one routed 0.1 s ago, nine tenths."""
+    p = pool("a", "b")
+    for pod in p.all():
+        engine(pod)
+        pod.closed(pod.opened(500, 0.0), 1.0)  # a request of ours took 1 s: the pod's lifetime
+    p.get("a").opened(500, 9.1)
+    p.get("b").opened(500, 9.9)
+    d = decide(profile(requestTokens=1500), p.all(), {}, now=10.0)
+    assert d.pod.id == "a"
+    work = 500 + 1500  # prefill + decode, in prompt tokens
+    assert d.raw["ttft"]["b"] - d.raw["ttft"]["a"] == pytest.approx(work * (0.9 - 0.1))
+    assert p.get("a").owed(10.0, 1500) == pytest.approx(work * 0.1)
+    assert p.get("a").owed(10.2, 1500) == 0.0, "older than a lifetime: done, as far as we can tell"
+    assert p.get("a").in_flight == 1, "though its stream is still open (requests ahead still count it)"
+
+
+def test_without_a_finished_request_a_pod_owes_all_of_its_open_work():
+    p = pool("a")
+    pod = p.get("a")
+    pod.opened(300, 0.0)
+    pod.opened(200, 5.0)
+    assert pod.lifetime is None
+    assert pod.owed(100.0, 1000) == 300 + 200 + 2 * 1000
+
+
+def test_a_pods_typical_lifetime_follows_its_requests():
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 2.0)
+    assert pod.lifetime == 2.0, "the first ended request sets it"
+    pod.closed(pod.opened(0, 10.0), 11.0)
+    assert 1.0 < pod.lifetime < 2.0, "later ones move it a step at a time"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["open", "close", "owed"]), st.integers(0, 4000),
+                          st.floats(0.0, 0.5), st.integers(0, 10)), max_size=60))
+def test_what_a_pod_owes_is_the_sum_of_its_open_requests_shrinking_work(steps):
+    """Kept in O(1) sums, it equals the sum over open requests of work x (1 - age / lifetime),
+    for each not yet found older than the lifetime at an earlier look."""
+    pod = pool("a").get("a")
+    now, model, request_tokens = 0.0, [], 700  # model: [entry, tokens, at, expired]
+    for action, tokens, step, pick in steps:
+        now += step
+        if action == "open":
+            model.append([pod.opened(tokens, now), tokens, now, False])
+        elif action == "close" and model:
+            entry = model.pop(pick % len(model))
+            pod.closed(entry[0], now)
+        else:
+            life = pod.lifetime
+            expected = 0.0
+            for item in model:
+                if life is not None and now - item[2] >= life:
+                    item[3] = True
+                if not item[3]:
+                    work = item[1] + request_tokens
+                    expected += work * (1 - (now - item[2]) / life) if life is not None else work
+            assert pod.owed(now, request_tokens) == pytest.approx(expected, rel=1e-6, abs=1e-3)
+        assert pod.in_flight == len(model)
+        assert pod.open_tokens == sum(item[1] for item in model)
+    pod.owed(now + 1e9, request_tokens)
+    assert len(pod._open) <= len(model), "ended and expired requests leave the ledger"
 
 
 def test_equally_loaded_pods_go_to_the_one_chosen_longest_ago():
@@ -273,10 +360,9 @@ async def test_our_request_that_came_and_went_during_a_scrape_is_not_taken_for_a
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         pod = pod_ref["pod"]
-        pod.in_flight += 1  # our request is routed and runs while the engine answers the scrape
-        pod.routed += 1
+        ours = pod.opened(0, time.monotonic())  # our request is routed and runs while the engine answers
         body = b'vllm:num_requests_waiting{engine="0"} 0.0\nvllm:num_requests_running{engine="0"} 1.0\n'
-        pod.in_flight -= 1  # ... and ends before the reading is recorded
+        pod.closed(ours, time.monotonic())  # ... and ends before the reading is recorded
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
         writer.close()
