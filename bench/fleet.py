@@ -28,7 +28,8 @@ fleet serves with no cache hits.
 
 Environment: BENCH_FLEET_WORKLOADS, BENCH_FLEET_RATES, BENCH_FLEET_POLICIES (comma lists),
 BENCH_FLEET_EVENTS (live | instant), BENCH_FLEET_REQUESTS (default 800), BENCH_FLEET_SCORING (a JSON
-`scoring:` section for kv-extproc, to try other settings).
+`scoring:` section for kv-extproc, to try other settings), BENCH_FLEET_SEEDS (default 7: the
+traffic's seed; the arrivals use seed + 4; with several, the judge averages each ratio over them).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class Job:
     end: float
     blocks: int
     uncached_blocks: int
-    estimate: int = 0
-    """The router's uncached tokens for it, when it routed it (kv-extproc's own view)."""
+    entry: object = None
+    """kv-extproc's open-request record of it (Pod.opened), closed when its stream ends."""
 
 
 @dataclass
@@ -240,7 +241,8 @@ class KvRouter:
         await self.index.subscribe(self.indexer.on_invalidation)
         self.pool = PodPool([config_mod.PodConfig(id=p.id, address=f"10.0.0.{i + 1}:8000")
                              for i, p in enumerate(self.fleet)])
-        self.router = Router(self.pool, self.indexer, scoring.build(conf.scoring), Metrics(), decision_timeout=10.0)
+        self.router = Router(self.pool, self.indexer, scoring.build(conf.scoring), Metrics(), decision_timeout=10.0,
+                             clock=lambda: self.now)
         self.last_scrape = -1.0
         return self
 
@@ -267,20 +269,21 @@ class KvRouter:
         for pod in self.pool.all():
             sim = self.by_id[pod.id]
             sim.recent(tick)
-            pod.in_flight = sim.outstanding(tick)
             record(pod, EngineLoad(float(sim.waiting(tick)), float(sim.running(tick)),
-                                   len(sim.cache.blocks) / CAPACITY_BLOCKS, tick))
+                                   len(sim.cache.blocks) / CAPACITY_BLOCKS, tick), ours=sim.outstanding(tick))
 
-    async def route(self, messages: list[dict], now: float) -> SimPod:
+    async def route(self, messages: list[dict], now: float) -> tuple[SimPod, object]:
+        """The pod, and kv-extproc's record of the request open there."""
+        ended = sorted(((j.end, self.pool.get(sim.id), j) for sim in self.fleet for j in sim.jobs
+                        if j.entry is not None and j.end <= now), key=lambda item: item[0])
+        for end, pod, job in ended:  # the replica sees its own streams end at once
+            self.now = end
+            pod.closed(job.entry, end)
+            job.entry = None
         self.now = now
         self.scrape(now)
-        for pod in self.pool.all():  # the replica sees its own streams end at once
-            open_jobs = [j for j in self.by_id[pod.id].recent(now) if j.end > now]
-            pod.in_flight = len(open_jobs)
-            pod.open_tokens = sum(j.estimate for j in open_jobs)
         decision = await self.router.route(RoutingRequest(model=MODEL, kind="chat", messages=messages))
-        self.estimate = decision.uncached_tokens
-        return self.by_id[decision.pod.id]
+        return self.by_id[decision.pod.id], decision.pod.opened(decision.uncached_tokens, now)
 
 
 def pick_peer(policy: str, fleet: list[SimPod], prompt: list[int], now: float, rng: random.Random,
@@ -376,8 +379,9 @@ async def simulate(policy: str, requests: list[list[dict]], gaps: list[float], t
                             pod.publisher.publish(events)
                         await router.applied(pod)
             t0 = time.perf_counter()
+            entry = None
             if router is not None:
-                pod = await router.route(messages, now)
+                pod, entry = await router.route(messages, now)
             else:
                 pod = pick_peer(policy, fleet, prompt, now, rng, state)
             outcome.decide_s += time.perf_counter() - t0
@@ -386,7 +390,7 @@ async def simulate(policy: str, requests: list[list[dict]], gaps: list[float], t
             prefill = (len(prompt) - hit) / PREFILL_TOKENS_PER_S
             pod.busy_until = start + prefill + DECODE_S
             pod.jobs.append(Job(now, start, start + prefill, pod.busy_until, len(prompt) // BLOCK,
-                                (len(prompt) - hit) // BLOCK, router.estimate if router is not None else 0))
+                                (len(prompt) - hit) // BLOCK, entry))
             pod.remember(_keys(prompt))
             pod.served += 1
             if pod.publisher is not None and events:
@@ -442,57 +446,73 @@ async def run_async() -> dict:
     tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
     live = os.environ.get("BENCH_FLEET_EVENTS", "live") != "instant"
+    seeds = [int(seed) for seed in _list("BENCH_FLEET_SEEDS", ("7",))]
     rows = []
     for name in _list("BENCH_FLEET_WORKLOADS", WORKLOADS):
-        requests, gaps = workload(name)
-        tokens = [tokenize_with(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=m)) for m in requests]
-        base = capacity(tokens)
-        for rate_name in _list("BENCH_FLEET_RATES", RATES):
-            fraction = RATES[rate_name]
-            for policy in _list("BENCH_FLEET_POLICIES", POLICIES):
-                out = await simulate(policy, requests, gaps, tokens, base * fraction, tokenizer_dir, live=live)
-                ttft = sorted(out.ttft)
-                row = {"workload": name, "rate": rate_name, "arrivals_per_s": round(base * fraction, 2),
-                       "policy": policy, "hit_rate": out.cached_tokens / out.prompt_tokens,
-                       "ttft_mean_ms": statistics.fmean(ttft) * 1e3,
-                       "ttft_p99_ms": ttft[max(0, math.ceil(len(ttft) * 0.99) - 1)] * 1e3,
-                       "imbalance": out.imbalance, "decisions_per_s": len(ttft) / out.decide_s}
-                rows.append(row)
-                print(f"fleet  {name:<13} {rate_name:<8} {policy:<19} hit {row['hit_rate']:6.1%}  "
-                      f"TTFT mean {row['ttft_mean_ms']:8.1f} ms  p99 {row['ttft_p99_ms']:8.1f} ms  "
-                      f"imbalance {row['imbalance']:4.2f}", flush=True)
+        for seed in seeds:
+            requests, gaps = workload(name, seed)
+            tokens = [tokenize_with(tokenizer, RoutingRequest(model=MODEL, kind="chat", messages=m)) for m in requests]
+            base = capacity(tokens)
+            for rate_name in _list("BENCH_FLEET_RATES", RATES):
+                fraction = RATES[rate_name]
+                for policy in _list("BENCH_FLEET_POLICIES", POLICIES):
+                    out = await simulate(policy, requests, gaps, tokens, base * fraction, tokenizer_dir, live=live,
+                                         seed=seed + 4)
+                    ttft = sorted(out.ttft)
+                    row = {"workload": name, "seed": seed, "rate": rate_name, "arrivals_per_s": round(base * fraction, 2),
+                           "policy": policy, "hit_rate": out.cached_tokens / out.prompt_tokens,
+                           "ttft_mean_ms": statistics.fmean(ttft) * 1e3,
+                           "ttft_p99_ms": ttft[max(0, math.ceil(len(ttft) * 0.99) - 1)] * 1e3,
+                           "imbalance": out.imbalance, "decisions_per_s": len(ttft) / out.decide_s}
+                    rows.append(row)
+                    print(f"fleet  {name:<13} {seed:<3} {rate_name:<8} {policy:<19} hit {row['hit_rate']:6.1%}  "
+                          f"TTFT mean {row['ttft_mean_ms']:8.1f} ms  p99 {row['ttft_p99_ms']:8.1f} ms  "
+                          f"imbalance {row['imbalance']:4.2f}", flush=True)
     checks = judge(rows)
     for line in checks:
         print(line)
     result = {"pods": PODS, "capacity_blocks": CAPACITY_BLOCKS, "prefill_tokens_per_s": PREFILL_TOKENS_PER_S,
-              "decode_s": DECODE_S, "requests": REQUESTS, "events": "live" if live else "instant", "rows": rows,
+              "decode_s": DECODE_S, "requests": REQUESTS, "seeds": seeds, "events": "live" if live else "instant", "rows": rows,
               "checks": checks}
     write("fleet", result)
-    plot(rows)
+    plot([row for row in rows if row["seed"] == seeds[0]])
     return result
 
 
 def judge(rows: list[dict]) -> list[str]:
-    """kv-extproc against the targets: the queue-and-cache oracle, the peers, the baselines."""
+    """kv-extproc against the targets: the queue-and-cache oracle, the peers, the baselines.
+    Each ratio is taken per seed (the same traffic), then averaged geometrically over seeds:
+    a p99 of 800 requests is the 8th worst, and one seed's luck moves it by 20%."""
     out = []
-    by = {(r["workload"], r["rate"], r["policy"]): r for r in rows}
-    for (name, rate, policy), row in sorted(by.items()):
-        if policy != "kv-extproc" or rate == "light":
-            continue
-        oracle = by.get((name, rate, "queue-cache-oracle"))
+    by = {(r["workload"], r["rate"], r["policy"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    cells = sorted({(r["workload"], r["rate"]) for r in rows if r["policy"] == "kv-extproc" and r["rate"] != "light"})
+    for name, rate in cells:
         notes = []
         for stat in ("ttft_mean_ms", "ttft_p99_ms"):
             label = stat.split("_")[1]
-            if oracle:
-                notes.append(f"{label} {row[stat] / oracle[stat]:.2f}x oracle")
-            bases = [by[(name, rate, b)][stat] for b in ("round-robin", "least-loaded") if (name, rate, b) in by]
-            if bases:
-                notes.append(f"{row[stat] / min(bases):.2f}x best of rr/ll")
-            peers = [by[(name, rate, p)][stat] for p in PEERS if (name, rate, p) in by]
-            if peers and name in SHARED:
-                notes.append(f"{row[stat] / min(peers):.2f}x best peer")
-        out.append(f"judge  {name:<13} {rate:<8} " + ", ".join(notes))
+            ratios: dict[str, list[float]] = {"oracle": [], "best of rr/ll": [], "best peer": []}
+            for seed in seeds:
+                row = by.get((name, rate, "kv-extproc", seed))
+                if row is None:
+                    continue
+                oracle = by.get((name, rate, "queue-cache-oracle", seed))
+                if oracle:
+                    ratios["oracle"].append(row[stat] / oracle[stat])
+                bases = [by[(name, rate, b, seed)][stat] for b in ("round-robin", "least-loaded")
+                         if (name, rate, b, seed) in by]
+                if bases:
+                    ratios["best of rr/ll"].append(row[stat] / min(bases))
+                peers = [by[(name, rate, p, seed)][stat] for p in PEERS if (name, rate, p, seed) in by]
+                if peers and name in SHARED:
+                    ratios["best peer"].append(row[stat] / min(peers))
+            notes += [f"{label} {_geomean(values):.2f}x {what}" for what, values in ratios.items() if values]
+        out.append(f"judge  {name:<13} {rate:<8} " + ", ".join(notes) + (f"  ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
     return out
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
 def plot(rows: list[dict]) -> None:
