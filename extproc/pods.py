@@ -34,7 +34,76 @@ class OpenRequest:
     tokens: int
     """Prompt tokens the pod had to compute for it, as the decision estimated them."""
     counted: bool = True
-    """Still in the pod's decaying sums (not ended, not older than the typical lifetime)."""
+    """Still in the ledger's sums (not ended, not older than the typical lifetime)."""
+
+
+@dataclass(slots=True)
+class OpenLedger:
+    """This replica's open requests on one pod, and how much of their work is likely left.
+
+    Each counts its work (its uncached tokens + a decode's worth) shrinking linearly over the
+    pod's typical request lifetime. Kept as sums over the counted requests, so a decision
+    costs O(1) however many are open; the oldest leave from the front once a lifetime old.
+    Times are kept from an epoch (the first request since the sums were last empty), so the
+    sums stay small however long the process runs."""
+
+    lifetime: float | None = None
+    """A typical request's time here, routing to stream end (an EWMA of ours; None: none ended yet)."""
+    _queue: deque = field(default_factory=deque)
+    """OpenRequests in routing order (ended ones leave lazily, from the front)."""
+    _count: int = 0
+    _epoch: float = 0.0
+    _at: float = 0.0
+    """Sum of (at - epoch)."""
+    _tokens: int = 0
+    _tokens_at: float = 0.0
+    """Sum of tokens x (at - epoch)."""
+
+    def add(self, entry: OpenRequest) -> None:
+        self._queue.append(entry)
+        self._count_in(entry, 1)
+
+    def remove(self, entry: OpenRequest, now: float) -> None:
+        if entry.counted:
+            entry.counted = False
+            self._count_in(entry, -1)
+        took = max(0.0, now - entry.at)
+        self.lifetime = took if self.lifetime is None else self.lifetime + LIFETIME_WEIGHT * (took - self.lifetime)
+
+    def owed(self, now: float, request_tokens: float) -> float:
+        """Sum of (tokens + request_tokens) x (1 - age / lifetime) over the counted requests;
+        without a lifetime yet, nothing shrinks."""
+        queue, life = self._queue, self.lifetime
+        while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
+            entry = queue.popleft()
+            if entry.counted:
+                entry.counted = False
+                self._count_in(entry, -1)
+        if not self._count:
+            return 0.0
+        work = self._tokens + request_tokens * self._count
+        if life is None:
+            return float(work)
+        if life <= 0:  # ours end at once here: nothing is owed
+            return 0.0
+        done = ((now - self._epoch) * work - (self._tokens_at + request_tokens * self._at)) / life
+        return max(0.0, work - done)
+
+    def __len__(self) -> int:
+        """Records held (counted or waiting to leave from the front)."""
+        return len(self._queue)
+
+    def _count_in(self, entry: OpenRequest, sign: int) -> None:
+        if not self._count:
+            self._epoch = entry.at
+        self._count += sign
+        if not self._count:  # empty: start again from exact zeros (no rounding left behind)
+            self._at, self._tokens, self._tokens_at = 0.0, 0, 0.0
+            return
+        at = entry.at - self._epoch
+        self._at += sign * at
+        self._tokens += sign * entry.tokens
+        self._tokens_at += sign * entry.tokens * at
 
 
 @dataclass(eq=False, slots=True)
@@ -58,14 +127,8 @@ class Pod:
     open_tokens: int = 0
     """Prompt tokens this replica's open requests here had to compute (uncached, as estimated
     when each was routed): the prefill work it knows is queued or running on the pod."""
-    lifetime: float | None = None
-    """A typical request's time here, routing to stream end (an EWMA of ours; None: none ended yet)."""
-    _open: deque = field(default_factory=deque)
-    """OpenRequests in routing order (ended ones leave lazily, from the front)."""
-    _sums: list = field(default_factory=lambda: [0, 0.0, 0, 0.0, 0.0])
-    """Over the counted open requests: count, sum of at, sum of tokens, sum of tokens x at,
-    each at taken from the epoch (the last element: the first at since the sums were empty),
-    so the sums stay small however long the process runs."""
+    ledger: OpenLedger = field(default_factory=OpenLedger)
+    """Our open requests here, for what they still owe (OpenLedger)."""
     rank: int | None = None
     """The data-parallel rank this candidate is, behind its pod's one address (vLLM
     --data-parallel-size): requests are pinned to it with vLLM's X-data-parallel-rank header."""
@@ -76,54 +139,18 @@ class Pod:
         self.in_flight += 1
         self.routed += 1
         self.open_tokens += tokens
-        self._open.append(entry)
-        self._add(entry, 1)
+        self.ledger.add(entry)
         return entry
 
     def closed(self, entry: OpenRequest, now: float) -> None:
         """Its stream ended: it no longer holds the pod, and its time teaches the lifetime."""
         self.in_flight -= 1
         self.open_tokens -= entry.tokens
-        if entry.counted:
-            entry.counted = False
-            self._add(entry, -1)
-        took = max(0.0, now - entry.at)
-        self.lifetime = took if self.lifetime is None else self.lifetime + LIFETIME_WEIGHT * (took - self.lifetime)
+        self.ledger.remove(entry, now)
 
     def owed(self, now: float, request_tokens: float) -> float:
-        """The work our open requests still bring here, in prompt tokens: each one's prefill plus
-        ``request_tokens`` (its decode), shrinking linearly over the pod's typical lifetime,
-        since a request routed that long ago has most likely done its work. Without a
-        lifetime yet, nothing shrinks. O(1) amortised: sums, and the oldest leave first."""
-        queue, sums, life = self._open, self._sums, self.lifetime
-        while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
-            entry = queue.popleft()
-            if entry.counted:
-                entry.counted = False
-                self._add(entry, -1)
-        count, at, tokens, tokens_at, epoch = sums
-        if not count:
-            return 0.0
-        work = tokens + request_tokens * count
-        if life is None:
-            return float(work)
-        if life <= 0:  # ours end at once here: nothing is owed
-            return 0.0
-        done = ((now - epoch) * work - (tokens_at + request_tokens * at)) / life
-        return max(0.0, work - done)
-
-    def _add(self, entry: OpenRequest, sign: int) -> None:
-        sums = self._sums
-        if not sums[0]:
-            sums[4] = entry.at
-        sums[0] += sign
-        if not sums[0]:  # empty: start again from exact zeros (no rounding left behind)
-            sums[1], sums[2], sums[3] = 0.0, 0, 0.0
-            return
-        at = entry.at - sums[4]
-        sums[1] += sign * at
-        sums[2] += sign * entry.tokens
-        sums[3] += sign * entry.tokens * at
+        """The work our open requests still bring here, in prompt tokens (OpenLedger.owed)."""
+        return self.ledger.owed(now, request_tokens)
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""
