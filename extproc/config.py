@@ -381,6 +381,9 @@ class ScoringConfig(_Section):
     simulator among 1.25 and 1.5; 0: off)."""
     start_slack_tokens: int = 256
     """ttft scorer's tail guard: the start difference, in prompt tokens, always allowed."""
+    guard_below_queue: float = 2.0
+    """ttft scorer's tail guard holds while the candidates' mean requests ahead is below this
+    (chosen on the fleet simulator among 1.5, 2, 2.5 and always)."""
     speculative_ttl: Duration = msgspec.field(default=Duration(2.0), name="speculativeTTL")
     """A pod a request was just sent to counts as holding its blocks this long, until its KV
     events say so (0: off), so a burst sharing a new prefix does not scatter."""
@@ -388,8 +391,10 @@ class ScoringConfig(_Section):
     def __post_init__(self) -> None:
         if not self.scorers:
             raise ValueError("scorers must list at least one scorer")
-        if min(self.queued_request_tokens, self.request_tokens, self.speculative_ttl, self.start_slack_tokens) < 0:
-            raise ValueError("queuedRequestTokens, requestTokens, startSlackTokens and speculativeTTL must not be negative")
+        if min(self.queued_request_tokens, self.request_tokens, self.speculative_ttl, self.start_slack_tokens,
+               self.guard_below_queue) < 0:
+            raise ValueError("queuedRequestTokens, requestTokens, startSlackTokens, guardBelowQueue and speculativeTTL"
+                             " must not be negative")
         if self.max_start_ratio and self.max_start_ratio < 1:
             raise ValueError(f"maxStartRatio must be at least 1 (or 0: off), got {self.max_start_ratio}")
 

@@ -16,7 +16,10 @@ fleet, the more a cached prefix is worth.
 
 The tail guard: a pod whose start is later than maxStartRatio x the soonest start +
 startSlackTokens scores 0, whatever its cache saves the others. L buys hit rate (the mean);
-the guard stops it from buying it with one request's long wait (the p99). score = (min cost +
+the guard stops it from buying it with one request's long wait (the p99). It holds while L is
+below guardBelowQueue: with a deeper queue everyone waits anyway, and a prefix recomputed
+elsewhere costs the requests behind it more than the wait costs this one (a burst sharing a
+new prefix then shares one pod's copy instead of each member paying a cold prefill). score = (min cost +
 b) / (cost + b) for the others, 1 for the cheapest (b = one block, so costs near zero compare
 sensibly).
 
@@ -39,11 +42,12 @@ class TtftScorer:
     name = "ttft"
 
     def __init__(self, queued_request_tokens: int = 512, request_tokens: int = 1536, *,
-                 max_start_ratio: float = 1.25, start_slack_tokens: int = 256):
+                 max_start_ratio: float = 1.25, start_slack_tokens: int = 256, guard_below_queue: float = 2.0):
         self.queued_request_tokens = queued_request_tokens
         self.request_tokens = request_tokens
         self.max_start_ratio = max_start_ratio
         self.start_slack_tokens = start_slack_tokens
+        self.guard_below_queue = guard_below_queue
 
     def score(self, context: Context, pods: Sequence[Pod]) -> Scores:
         known = {pod.id: ahead(pod) for pod in pods}
@@ -56,8 +60,8 @@ class TtftScorer:
         start = {pod.id: uncached[pod.id] + pod.owed(context.now, self.request_tokens)
                  + queue[pod.id] * self.queued_request_tokens for pod in pods}
         cost = {pod: start[pod] + busy * uncached[pod] for pod in start}
-        latest = (self.max_start_ratio * min(start.values()) + self.start_slack_tokens
-                  if self.max_start_ratio else float("inf"))
+        guarded = self.max_start_ratio and busy < self.guard_below_queue
+        latest = self.max_start_ratio * min(start.values()) + self.start_slack_tokens if guarded else float("inf")
         block = max(1, context.block_tokens)
         base = min(c for pod, c in cost.items() if start[pod] <= latest) + block
         return Scores({pod: base / (c + block) if start[pod] <= latest else 0.0 for pod, c in cost.items()}, cost)

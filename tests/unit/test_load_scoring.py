@@ -110,18 +110,32 @@ def test_the_busier_the_fleet_the_more_a_cached_prefix_is_worth():
 
 def test_a_cached_pod_does_not_win_by_making_this_request_start_much_later():
     """The tail guard: a holds the whole 2048-token prompt with 6 requests ahead (3072 to
-    wait), b holds nothing and is idle (2048 to compute). Weighed for the fleet (L = 3), a
-    saves the others 3 x 2048; but this request would start 1.5x later there, past 1.25x +
-    256, so b takes it. Without the guard, a would."""
-    p = pool("a", "b")
+    wait); b, c and d hold nothing and are idle (2048 to compute). Weighed for the fleet
+    (L = 1.5), a saves the others 1.5 x 2048; but this request would start 1.5x later there,
+    past 1.25x + 256, so an idle pod takes it. Without the guard, a would."""
+    p = pool("a", "b", "c", "d")
     engine(p.get("a"), waiting=6)
-    engine(p.get("b"))
+    for pod in ("b", "c", "d"):
+        engine(p.get(pod))
     kwargs = dict(total_blocks=128, prompt_tokens=2048)
     d = decide(profile(), p.all(), {"a": 128}, **kwargs)
-    assert d.raw["ttft"] == {"a": 6 * 512, "b": 2048 + 3 * 2048}
-    assert d.pod.id == "b"
+    assert d.raw["ttft"] == {"a": 6 * 512, "b": 2048 + 1.5 * 2048, "c": 2048 + 1.5 * 2048, "d": 2048 + 1.5 * 2048}
+    assert d.pod.id != "a"
     assert decide(profile(maxStartRatio=0), p.all(), {"a": 128}, **kwargs).pod.id == "a"
     assert decide(profile(maxStartRatio=1.5), p.all(), {"a": 128}, **kwargs).pod.id == "a", "3072 <= 1.5 x 2048"
+
+
+def test_the_tail_guard_gives_way_once_the_fleet_has_a_deep_queue():
+    """With 2 or more requests ahead per pod on average, everyone waits anyway: recomputing the
+    prompt elsewhere would cost the requests queued behind it more than this one's extra wait.
+    a holds the prompt with 8 ahead (start 4096), b nothing with 1 ahead (start 2560): a is
+    past 1.25 x 2560 + 256, but L = 4.5."""
+    p = pool("a", "b")
+    engine(p.get("a"), waiting=8)
+    engine(p.get("b"), waiting=1)
+    kwargs = dict(total_blocks=128, prompt_tokens=2048)
+    assert decide(profile(), p.all(), {"a": 128}, **kwargs).pod.id == "a"
+    assert decide(profile(guardBelowQueue=5), p.all(), {"a": 128}, **kwargs).pod.id == "b", "guarded below 5"
 
 
 def test_requests_sent_since_the_last_reading_count_as_queued():
