@@ -277,7 +277,6 @@ class KvRouter:
         ended = sorted(((j.end, self.pool.get(sim.id), j) for sim in self.fleet for j in sim.jobs
                         if j.entry is not None and j.end <= now), key=lambda item: item[0])
         for end, pod, job in ended:  # the replica sees its own streams end at once
-            self.now = end
             pod.closed(job.entry, end)
             job.entry = None
         self.now = now

@@ -395,8 +395,10 @@ class ScoringConfig(_Section):
                self.guard_below_queue) < 0:
             raise ValueError("queuedRequestTokens, requestTokens, startSlackTokens, guardBelowQueue and speculativeTTL"
                              " must not be negative")
-        if self.max_start_ratio and self.max_start_ratio < 1:
-            raise ValueError(f"maxStartRatio must be at least 1 (or 0: off), got {self.max_start_ratio}")
+        if self.max_start_ratio != 0 and not 1 <= self.max_start_ratio < float("inf"):
+            raise ValueError(f"maxStartRatio must be a number from 1 (or 0: off), got {self.max_start_ratio}")
+        if self.guard_below_queue != self.guard_below_queue:  # NaN
+            raise ValueError("guardBelowQueue must be a number")
 
 
 class LoadConfig(_Section):

@@ -200,18 +200,24 @@ class _PodCollector(Collector):
                 ("kv_cache_usage", "The engine's vllm:kv_cache_usage_perc, last scraped (0..1)."))}
             owed = GaugeMetricFamily("kv_extproc_pod_owed_prefill_tokens",
                                      "Uncached prompt tokens of this process's open requests to the pod, as each "
-                                     "decision estimated them (the ttft scorer counts them ahead of a new request, "
-                                     "with each one's decode, shrinking as it ages).",
+                                     "decision estimated them, whole until each stream ends (the ttft scorer "
+                                     "counts them with a decode each, shrinking over the pod's request lifetime).",
                                      labels=["pod"])
+            lifetime = GaugeMetricFamily("kv_extproc_pod_request_lifetime_seconds",
+                                         "A typical request of this process's to the pod, routing to the end of its "
+                                         "ext_proc stream (EWMA; absent until one ended).", labels=["pod"])
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
                 owed.add_metric([pod.id], float(pod.open_tokens))
+                if pod.ledger.lifetime is not None:
+                    lifetime.add_metric([pod.id], pod.ledger.lifetime)
                 if pod.engine is not None:
                     engine["requests_waiting"].add_metric([pod.id], pod.engine.waiting)
                     engine["requests_running"].add_metric([pod.id], pod.engine.running)
                     engine["kv_cache_usage"].add_metric([pod.id], pod.engine.kv_usage)
             yield healthy
             yield owed
+            yield lifetime
             yield from engine.values()
         if self._ingester is not None:
             age = GaugeMetricFamily("kv_extproc_pod_index_age_seconds",

@@ -35,6 +35,11 @@ class OpenRequest:
     """Prompt tokens the pod had to compute for it, as the decision estimated them."""
     counted: bool = True
     """Still in the ledger's sums (not ended, not older than the typical lifetime)."""
+    ended: bool = False
+
+    @property
+    def ns(self) -> int:
+        return round(self.at * 1e9)
 
 
 @dataclass(slots=True)
@@ -44,20 +49,23 @@ class OpenLedger:
     Each counts its work (its uncached tokens + a decode's worth) shrinking linearly over the
     pod's typical request lifetime. Kept as sums over the counted requests, so a decision
     costs O(1) however many are open; the oldest leave from the front once a lifetime old.
-    Times are kept from an epoch (the first request since the sums were last empty), so the
-    sums stay small however long the process runs."""
+    The sums are Python integers over nanoseconds: exact, however long the process runs.
+
+    A request's end is its ext_proc stream's end. With ``response_header_mode: SKIP`` Envoy
+    may end the stream when the response headers arrive, which for a streamed answer comes
+    before its first token: the lifetime is then that short, our requests drop out early,
+    and the engine's scraped queue (pods.load_of) carries the rest."""
 
     lifetime: float | None = None
     """A typical request's time here, routing to stream end (an EWMA of ours; None: none ended yet)."""
     _queue: deque = field(default_factory=deque)
     """OpenRequests in routing order (ended ones leave lazily, from the front)."""
     _count: int = 0
-    _epoch: float = 0.0
-    _at: float = 0.0
-    """Sum of (at - epoch)."""
+    _at: int = 0
+    """Sum of at, in ns."""
     _tokens: int = 0
-    _tokens_at: float = 0.0
-    """Sum of tokens x (at - epoch)."""
+    _tokens_at: int = 0
+    """Sum of tokens x at, in ns."""
 
     def add(self, entry: OpenRequest) -> None:
         self._queue.append(entry)
@@ -70,9 +78,9 @@ class OpenLedger:
         took = max(0.0, now - entry.at)
         self.lifetime = took if self.lifetime is None else self.lifetime + LIFETIME_WEIGHT * (took - self.lifetime)
 
-    def owed(self, now: float, request_tokens: float) -> float:
+    def owed(self, now: float, request_tokens: int) -> float:
         """Sum of (tokens + request_tokens) x (1 - age / lifetime) over the counted requests;
-        without a lifetime yet, nothing shrinks."""
+        without a lifetime yet, nothing shrinks. Requests a lifetime old leave the sums."""
         queue, life = self._queue, self.lifetime
         while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
             entry = queue.popleft()
@@ -86,21 +94,16 @@ class OpenLedger:
             return float(work)
         if life <= 0:  # ours end at once here: nothing is owed
             return 0.0
-        done = ((now - self._epoch) * work - (self._tokens_at + request_tokens * self._at)) / life
-        return max(0.0, work - done)
+        done_ns = round(now * 1e9) * work - (self._tokens_at + request_tokens * self._at)
+        return max(0.0, work - done_ns / (life * 1e9))
 
-    def __len__(self) -> int:
-        """Records held (counted or waiting to leave from the front)."""
+    def held(self) -> int:
+        """Records held (counted, or ended and waiting to leave from the front)."""
         return len(self._queue)
 
     def _count_in(self, entry: OpenRequest, sign: int) -> None:
-        if not self._count:
-            self._epoch = entry.at
+        at = entry.ns
         self._count += sign
-        if not self._count:  # empty: start again from exact zeros (no rounding left behind)
-            self._at, self._tokens, self._tokens_at = 0.0, 0, 0.0
-            return
-        at = entry.at - self._epoch
         self._at += sign * at
         self._tokens += sign * entry.tokens
         self._tokens_at += sign * entry.tokens * at
@@ -126,7 +129,8 @@ class Pod:
     chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""
     open_tokens: int = 0
     """Prompt tokens this replica's open requests here had to compute (uncached, as estimated
-    when each was routed): the prefill work it knows is queued or running on the pod."""
+    when each was routed), whole until each stream ends: exported per pod; the ttft scorer
+    reads the ledger's shrinking view (owed)."""
     ledger: OpenLedger = field(default_factory=OpenLedger)
     """Our open requests here, for what they still owe (OpenLedger)."""
     rank: int | None = None
@@ -143,12 +147,16 @@ class Pod:
         return entry
 
     def closed(self, entry: OpenRequest, now: float) -> None:
-        """Its stream ended: it no longer holds the pod, and its time teaches the lifetime."""
+        """Its stream ended: it no longer holds the pod, and its time teaches the lifetime.
+        A second call for the same request changes nothing."""
+        if entry.ended:
+            return
+        entry.ended = True
         self.in_flight -= 1
         self.open_tokens -= entry.tokens
         self.ledger.remove(entry, now)
 
-    def owed(self, now: float, request_tokens: float) -> float:
+    def owed(self, now: float, request_tokens: int) -> float:
         """The work our open requests still bring here, in prompt tokens (OpenLedger.owed)."""
         return self.ledger.owed(now, request_tokens)
 

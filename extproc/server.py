@@ -164,8 +164,8 @@ class _Stream:
         address = None
         extra: tuple[tuple[str, str], ...] = ()
         if decision is not None:
+            self.open = decision.pod.opened(decision.uncached_tokens, self.svc.router.clock())
             self.pod = decision.pod
-            self.open = self.pod.opened(decision.uncached_tokens, self.svc.router.clock())
             self.svc.metrics.in_flight.labels(self.pod.id).inc()
             address = self.pod.address
             if self.pod.rank is not None:

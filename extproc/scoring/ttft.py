@@ -60,8 +60,9 @@ class TtftScorer:
         start = {pod.id: uncached[pod.id] + pod.owed(context.now, self.request_tokens)
                  + queue[pod.id] * self.queued_request_tokens for pod in pods}
         cost = {pod: start[pod] + busy * uncached[pod] for pod in start}
+        soonest = min(start.values())
         guarded = self.max_start_ratio and busy < self.guard_below_queue
-        latest = self.max_start_ratio * min(start.values()) + self.start_slack_tokens if guarded else float("inf")
+        latest = max(soonest, self.max_start_ratio * soonest + self.start_slack_tokens) if guarded else float("inf")
         block = max(1, context.block_tokens)
         base = min(c for pod, c in cost.items() if start[pod] <= latest) + block
         return Scores({pod: base / (c + block) if start[pod] <= latest else 0.0 for pod, c in cost.items()}, cost)

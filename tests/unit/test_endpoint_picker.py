@@ -174,7 +174,7 @@ async def test_a_routed_stream_holds_its_prefill_on_the_pod_until_it_ends(stack)
 
 
 async def test_the_prefill_a_pod_owes_is_exported_while_the_stream_is_open(stack):
-    """Operators see what the ttft scorer counts ahead of the next request on each pod."""
+    """Operators see the prefill our open requests bring each pod, and how long ours take there."""
     from prometheus_client import generate_latest
 
     pool, router = stack
@@ -186,5 +186,9 @@ async def test_the_prefill_a_pod_owes_is_exported_while_the_stream_is_open(stack
     pod = stream.pod
     line = f'kv_extproc_pod_owed_prefill_tokens{{pod="{pod.id}"}} {float(pod.open_tokens)}'
     assert pod.open_tokens > 0 and line in generate_latest(metrics.registry).decode()
+    assert "kv_extproc_pod_request_lifetime_seconds{" not in generate_latest(metrics.registry).decode()
     stream.release()
-    assert f'kv_extproc_pod_owed_prefill_tokens{{pod="{pod.id}"}} 0.0' in generate_latest(metrics.registry).decode()
+    exported = generate_latest(metrics.registry).decode()
+    assert f'kv_extproc_pod_owed_prefill_tokens{{pod="{pod.id}"}} 0.0' in exported
+    assert f'kv_extproc_pod_request_lifetime_seconds{{pod="{pod.id}"}} {pod.ledger.lifetime}' in exported
+    assert pod.ledger.lifetime > 0, "the ended stream taught the pod's request lifetime"

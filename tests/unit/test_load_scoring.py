@@ -179,6 +179,7 @@ def test_a_pod_whose_request_is_nearly_done_goes_before_one_whose_request_just_b
     assert p.get("a").owed(10.0, 1500) == pytest.approx(work * 0.1)
     assert p.get("a").owed(10.2, 1500) == 0.0, "older than a lifetime: done, as far as we can tell"
     assert p.get("a").in_flight == 1, "though its stream is still open (requests ahead still count it)"
+    assert p.get("a").ledger.lifetime == pytest.approx(1.0)
 
 
 def test_without_a_finished_request_a_pod_owes_all_of_its_open_work():
@@ -191,16 +192,34 @@ def test_without_a_finished_request_a_pod_owes_all_of_its_open_work():
 
 
 def test_what_a_pod_owes_stays_exact_after_a_year_of_uptime():
-    """The sums keep times from their own epoch: a monotonic clock a year on, with requests
-    that take a millisecond, still gives the work left to a fraction of a token."""
+    """A pod that is never idle for a year: requests that take a millisecond, on a monotonic
+    clock a year on, still give the work left to a fraction of a token (the sums are exact
+    integers, not floats that grew with the clock)."""
     pod = pool("a").get("a")
     year = 365 * 86400.0
-    pod.closed(pod.opened(0, year), year + 0.001)
+    pod.opened(0, 0.0)  # open all year: the sums are never empty
+    pod.closed(pod.opened(0, 0.0), 0.001)
     pod.opened(3000, year + 0.0100)
     pod.opened(5000, year + 0.0104)
     now = year + 0.0106
     expected = (3000 + 1536) * (1 - 0.6) + (5000 + 1536) * (1 - 0.2)
     assert pod.owed(now, 1536) == pytest.approx(expected, abs=0.01)
+
+
+def test_a_request_closed_twice_counts_once():
+    pod = pool("a").get("a")
+    entry = pod.opened(700, 0.0)
+    pod.closed(entry, 1.0)
+    pod.closed(entry, 5.0)
+    assert (pod.in_flight, pod.open_tokens, pod.ledger.lifetime) == (0, 0, 1.0)
+
+
+def test_the_tail_guard_settings_are_checked():
+    for bad in ({"maxStartRatio": 0.5}, {"maxStartRatio": float("inf")}, {"maxStartRatio": float("nan")},
+                {"guardBelowQueue": float("nan")}, {"startSlackTokens": -1}, {"requestTokens": -1}):
+        with pytest.raises(Exception, match="maxStartRatio|guardBelowQueue|startSlackTokens|requestTokens"):
+            profile(**bad)
+    assert profile(maxStartRatio=0, guardBelowQueue=float("inf")) is not None
 
 
 def test_a_pods_typical_lifetime_follows_its_requests():
@@ -239,7 +258,10 @@ def test_what_a_pod_owes_is_the_sum_of_its_open_requests_shrinking_work(steps):
         assert pod.in_flight == len(model)
         assert pod.open_tokens == sum(item[1] for item in model)
     pod.owed(now + 1e9, request_tokens)
-    assert len(pod.ledger) <= len(model), "ended and expired requests leave the ledger"
+    if pod.ledger.lifetime is None:  # nothing ended: nothing expires
+        assert pod.ledger.held() == len(model)
+    else:
+        assert pod.ledger.held() == 0, "ended and expired requests leave the ledger"
 
 
 def test_equally_loaded_pods_go_to_the_one_chosen_longest_ago():
