@@ -51,10 +51,11 @@ class OpenLedger:
     costs O(1) however many are open; the oldest leave from the front once a lifetime old.
     The sums are Python integers over nanoseconds: exact, however long the process runs.
 
-    A request's end is its ext_proc stream's end. With ``response_header_mode: SKIP`` Envoy
-    may end the stream when the response headers arrive, which for a streamed answer comes
-    before its first token: the lifetime is then that short, our requests drop out early,
-    and the engine's scraped queue (pods.load_of) carries the rest."""
+    A request's end is its ext_proc stream's end: the response's end with the default BUFFERED
+    config; with the full-duplex one (response headers sent to us), the response headers, which
+    for a streamed answer come before its first token. The lifetime is then that short, our
+    requests drop out early, and the engine's scraped queue (pods.load_of) carries the rest
+    (tests/integration/test_stream_end.py)."""
 
     lifetime: float | None = None
     """A typical request's time here, routing to stream end (an EWMA of ours; None: none ended yet)."""
