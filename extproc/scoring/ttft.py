@@ -15,13 +15,15 @@ token a pod computes for this request delays the requests queued behind it, so t
 fleet, the more a cached prefix is worth.
 
 The tail guard: a pod whose start is later than maxStartRatio x the soonest start +
-startSlackTokens scores 0, whatever its cache saves the others. L buys hit rate (the mean);
-the guard stops it from buying it with one request's long wait (the p99). It holds while L is
-below guardBelowQueue: with a deeper queue everyone waits anyway, and a prefix recomputed
-elsewhere costs the requests behind it more than the wait costs this one (a burst sharing a
-new prefix then shares one pod's copy instead of each member paying a cold prefill). score = (min cost +
-b) / (cost + b) for the others, 1 for the cheapest (b = one block, so costs near zero compare
-sensibly).
+startSlackTokens ranks below every pod in band, whatever its cache saves the others: it
+scores at most GUARDED_SHARE of the lowest in-band score, ordered by cost among the guarded,
+so a retry that runs out of pods in band still goes to the cheapest of the rest. L buys hit
+rate (the mean); the guard stops it from buying it with one request's long wait (the p99).
+It holds while L is below guardBelowQueue: with a deeper queue everyone waits anyway, and a
+prefix recomputed elsewhere costs the requests behind it more than the wait costs this one
+(a burst sharing a new prefix then shares one pod's copy instead of each member paying a
+cold prefill). In band, score = (min cost + b) / (cost + b), 1 for the cheapest (b = one
+block, so costs near zero compare sensibly).
 
 This is the guard against piling as well: a pod holding the whole prefix but with work
 queued ahead loses to one that must prefill part of it but starts now, by exactly as much
@@ -36,6 +38,11 @@ from collections.abc import Sequence
 from ..pods import Pod
 from .base import Context, Scores
 from .load import ahead, fill_unknown
+
+
+GUARDED_SHARE = 0.01
+"""A guarded pod's best score, as a share of the lowest in-band score: never chosen while a
+pod in band is, and near nothing under a weighted-random picker."""
 
 
 class TtftScorer:
@@ -64,5 +71,12 @@ class TtftScorer:
         guarded = self.max_start_ratio and busy < self.guard_below_queue
         latest = max(soonest, self.max_start_ratio * soonest + self.start_slack_tokens) if guarded else float("inf")
         block = max(1, context.block_tokens)
-        base = min(c for pod, c in cost.items() if start[pod] <= latest) + block
-        return Scores({pod: base / (c + block) if start[pod] <= latest else 0.0 for pod, c in cost.items()}, cost)
+        in_band = {pod: c for pod, c in cost.items() if start[pod] <= latest}
+        base = min(in_band.values()) + block
+        values = {pod: base / (c + block) for pod, c in in_band.items()}
+        if len(values) < len(cost):
+            out = {pod: c for pod, c in cost.items() if pod not in in_band}
+            share = GUARDED_SHARE * min(values.values())
+            out_base = min(out.values()) + block
+            values.update({pod: share * out_base / (c + block) for pod, c in out.items()})
+        return Scores(values, cost)

@@ -64,7 +64,7 @@ def watch(proxy, proc, *, stream: bool) -> tuple[dict, list[tuple[float, float]]
 
 def test_the_default_config_keeps_a_streamed_request_in_flight_until_its_answer_ends(workdir, tokenizer,
                                                                                      tokenizer_dir):
-    with event_fleet(workdir, tokenizer, tokenizer_dir, timing=TIMING, hosts_from=40) as (_, _pods, proc, proxy):
+    with event_fleet(workdir, tokenizer, tokenizer_dir, timing=TIMING, hosts_from=90) as (_, _pods, proc, proxy):
         marks, samples = watch(proxy, proc, stream=True)
         assert marks["headers"] < 0.5 and marks["end"] > 2.0, "headers at once, the answer 2 s later"
         counted = [t for t, n in samples if n >= 1]
@@ -73,7 +73,7 @@ def test_the_default_config_keeps_a_streamed_request_in_flight_until_its_answer_
 
 
 def test_full_duplex_ends_the_stream_at_the_response_headers(workdir, tokenizer, tokenizer_dir):
-    with event_fleet(workdir, tokenizer, tokenizer_dir, timing=TIMING, hosts_from=44,
+    with event_fleet(workdir, tokenizer, tokenizer_dir, timing=TIMING, hosts_from=94,
                      mode="envoy-full-duplex.yaml") as (_, _pods, proc, proxy):
         marks, samples = watch(proxy, proc, stream=True)  # first: its pod's lifetime is this request's
         assert marks["end"] > 2.0

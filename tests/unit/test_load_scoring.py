@@ -125,6 +125,19 @@ def test_a_cached_pod_does_not_win_by_making_this_request_start_much_later():
     assert decide(profile(maxStartRatio=1.5), p.all(), {"a": 128}, **kwargs).pod.id == "a", "3072 <= 1.5 x 2048"
 
 
+def test_pods_past_the_guard_still_rank_by_cost_in_the_retry_list():
+    """The guard keeps a pod from being chosen, not from being the best retry: a holds the
+    whole prompt and is idle; c holds a quarter of it, b nothing. Both start past a's 1.25x +
+    256, so both rank below a, and c (less to compute) before b, whatever the pod order."""
+    for order in (("a", "b", "c"), ("c", "b", "a"), ("b", "a", "c")):
+        p = pool(*order)
+        for pod in order:
+            engine(p.get(pod))
+        d = decide(profile(), p.all(), {"a": 128, "c": 32}, total_blocks=128, prompt_tokens=2048)
+        assert [d.pod.id] + [x.id for x in d.alternates] == ["a", "c", "b"]
+        assert d.raw["ttft"]["c"] < d.raw["ttft"]["b"], "the costs that order them"
+
+
 def test_the_tail_guard_gives_way_once_the_fleet_has_a_deep_queue():
     """With 2 or more requests ahead per pod on average, everyone waits anyway: recomputing the
     prompt elsewhere would cost the requests queued behind it more than this one's extra wait.
