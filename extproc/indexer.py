@@ -38,6 +38,12 @@ FAST_PATH_MAX_CHARS = 64 * 1024
 
 ERROR_LOG_INTERVAL = 10.0
 
+FIRST_ASK = 8
+"""Blocks the index is first asked for past what the owner cache knows; the rest only if some
+candidate's run reaches past them. A new document after a cached prefix then costs one small
+read instead of one per block that can match (128 by default), for one more round trip when
+a run does go on."""
+
 INLINE_FILL_TOKENS = 512
 """A prefix store fill for at most this many newly encoded tokens runs on the event loop."""
 
@@ -241,7 +247,7 @@ class Indexer:
             if plan.to_encode <= INLINE_CHARS:
                 result = store.finish(plan)
             else:
-                result = await self.tokenizers.run(request.model, _finish, store, plan)
+                result = await self.tokenizers.run(request.model, _finish, store, plan, self.tokenizers.spread)
             result.estimated = result.estimated_total(len(text))
             store.put_prompt(key, result)
             outcome = "partial" if plan.run.tokens else "miss"
@@ -261,7 +267,7 @@ class Indexer:
         if known is not None:
             return known, "hit", known.estimated
         plan = store.plan(tokenizer, text, request.model, add_special_tokens=add_special_tokens)
-        result = store.finish(plan, off_loop=True)
+        result = store.finish(plan, off_loop=True, spread=self.tokenizers.spread)
         result.estimated = result.estimated_total(len(text))
         store.put_prompt(key, result)
         return result, "partial" if plan.run.tokens else "miss", result.estimated
@@ -283,34 +289,38 @@ class Indexer:
         if speculation is not None:
             speculation.overlay(model, keys, known)
         not_before = self._not_before()
-        active = list(pod_ids)
-        for depth, holders in enumerate(known):
-            if holders is None:
-                break
-            if self.medium_weights is None:
-                active = [p for p in active if p in holders and holders[p] >= not_before]
-            else:  # a candidate holds the block on some weighted tier
-                best = best_weights(holders, self.medium_weights, not_before)
-                active = [p for p in active if best.get(p)]
-            if not active:
-                return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
-        else:
-            return known, False  # type: ignore[return-value]
-        ask = [i for i in range(depth, len(keys)) if known[i] is None]
-        epoch = owners.epoch()
-        try:
-            answers = await self.index.lookup(model, [keys[i] for i in ask])
-        except IndexUnavailable:
-            if depth:
-                return known[:depth], True  # type: ignore[return-value]
-            raise
-        refused = owners.learn(model, [keys[i] for i in ask], answers, since_epoch=epoch)
-        log.debug("CACHED blocks=%d asked=%d refused=%d", len(keys), len(ask), len(refused))
-        for i, answer in zip(ask, answers):
-            known[i] = answer
-        if speculation is not None:
-            speculation.overlay(model, keys, known, depth)
-        return known, False  # type: ignore[return-value]
+        active, depth, asked = list(pod_ids), 0, False
+        while True:
+            while depth < len(keys) and known[depth] is not None:
+                active = self._extending(known[depth], active, not_before)  # type: ignore[arg-type]
+                if not active:
+                    return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
+                depth += 1
+            if depth == len(keys):
+                return known, False  # type: ignore[return-value]
+            unknown = [i for i in range(depth, len(keys)) if known[i] is None]
+            ask = unknown if asked else unknown[:FIRST_ASK]
+            asked = True
+            epoch = owners.epoch()
+            try:
+                answers = await self.index.lookup(model, [keys[i] for i in ask])
+            except IndexUnavailable:
+                if depth:
+                    return known[:depth], True  # type: ignore[return-value]
+                raise
+            refused = owners.learn(model, [keys[i] for i in ask], answers, since_epoch=epoch)
+            log.debug("CACHED blocks=%d asked=%d refused=%d", len(keys), len(ask), len(refused))
+            for i, answer in zip(ask, answers):
+                known[i] = answer
+            if speculation is not None:
+                speculation.overlay(model, keys, known, ask[0])
+
+    def _extending(self, holders: PodTimes, active: list[str], not_before: float) -> list[str]:
+        """The candidates whose run goes on through this block."""
+        if self.medium_weights is None:
+            return [p for p in active if p in holders and holders[p] >= not_before]
+        best = best_weights(holders, self.medium_weights, not_before)  # held on some weighted tier
+        return [p for p in active if best.get(p)]
 
     def _schedule_fill(self, fill: Callable[[], None], here: bool) -> None:
         """Fill the prefix store for later requests once the index has answered (or failed: the
@@ -375,8 +385,8 @@ class Indexer:
         return self.cache.get_cache_stats() if self.cache is not None else CacheStats()
 
 
-def _finish(tokenizer, store, plan) -> Tokenized:
-    return store.finish(plan, off_loop=True)
+def _finish(tokenizer, store, plan, spread) -> Tokenized:
+    return store.finish(plan, off_loop=True, spread=spread)
 
 
 def _by_model(refs: Sequence[tuple[str, int]]) -> dict[str, list[int]]:

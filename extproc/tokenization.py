@@ -193,6 +193,9 @@ class TokenizerManager:
     def __init__(self, sources: dict[str, str], *, workers: int = 2, max_queued: int = 64, max_loaded: int = 8):
         self._sources = dict(sources)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+        self._pieces = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize-piece")
+        """Pieces of a long prompt encoded beside the worker that cut them (spread); a pool of
+        its own, so a worker never waits on a job queued behind itself."""
         self._slots = threading.BoundedSemaphore(workers + max_queued)
         self._max_loaded = max_loaded
         self._loaded: OrderedDict[str, Tokenizer] = OrderedDict()
@@ -302,6 +305,13 @@ class TokenizerManager:
         self._foreground -= 1
         self._slots.release()
 
+    def spread(self, backend: Any, texts: list[str]) -> list[Any]:
+        """Encodings of ``texts`` (no special tokens): the first on this thread, the others on
+        the piece pool, each without the GIL, so a long prompt's pieces use every core."""
+        jobs = [self._pieces.submit(encode_off_loop, backend, text, add_special_tokens=False) for text in texts[1:]]
+        first = encode_off_loop(backend, texts[0], add_special_tokens=False)
+        return [first, *(job.result() for job in jobs)]
+
     def background(self, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn(*args)`` on a spare worker; skipped while requests keep every worker busy,
         so optional work (filling the prefix store) never slows requests under load."""
@@ -330,6 +340,7 @@ class TokenizerManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pieces.shutdown(wait=False, cancel_futures=True)
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -21,6 +21,7 @@ Thread-safe (its own lock): tokenizer threads fill it, the event loop reads it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import weakref
@@ -151,15 +152,16 @@ class Splitter:
         if i >= 0 and spans[i][1] > best:
             best = spans[i][1]
         if self._word is not None:
-            # Backwards, a stretch at a time: the last word split is usually near the end.
-            hi = word_end + 1
+            # Backwards, a stretch at a time: the last word split is usually a few characters
+            # from the end, so the first stretch is short and the next ones longer.
+            hi, step = word_end + 1, 64
             while hi > best + 1:
-                lo = max(best + 1, hi - 512)
+                lo = max(best + 1, hi - step)
                 found = [m.start() for m in self._word.finditer(text, lo, min(len(text), hi + 1))
                          if m.start() <= word_end]
                 if found:
                     return found[-1]
-                hi = lo
+                hi, step = lo, min(step * 2, 4096)
         return best
 
 
@@ -291,6 +293,15 @@ PLAN_CHARS = 65536
 """A prompt's chunks are hashed up to at least this far (or 8 characters per token that can
 match); the rest of a longer prompt only if tokenizing goes that far."""
 
+MIN_PIECE_CHARS = 8192
+"""Pieces encoded side by side are at least this long: below it, a thread hop costs more than
+encoding on one core."""
+
+MAX_PIECES = 4
+
+Spread = Callable[[Any, list[str]], list[Any]]
+"""(backend tokenizer, texts) -> their encodings without special tokens, encoded side by side."""
+
 INLINE_CHARS = 2048
 """Text up to this long is tokenized on the calling thread (the event loop): a worker-thread
 hop costs more than encoding it."""
@@ -305,10 +316,13 @@ class PrefixStore:
 
     def __init__(self, config: PrefixStoreConfig, *, block_size: int, max_blocks: int, keyer: Keyer,
                  min_window_chars: int = 4 * INLINE_CHARS, min_anchor_chars: int = MIN_ANCHOR_CHARS,
-                 anchor_head: int = ANCHOR_HEAD):
+                 anchor_head: int = ANCHOR_HEAD, min_piece_chars: int = MIN_PIECE_CHARS, max_pieces: int = 0):
         self.config = config
         self.min_window_chars = min_window_chars
         """Text encoded at least at once when cutting (tests make it tiny to cut everywhere)."""
+        self.min_piece_chars = max(1, min_piece_chars)
+        self.max_pieces = max_pieces or max(2, min(MAX_PIECES, _cores()))
+        """A stretch encoded side by side is cut into at most this many pieces (one per core)."""
         self.min_anchor_chars = max(1, min_anchor_chars)
         self.anchor_head = anchor_head
         """(Tests make both tiny to anchor everywhere.)"""
@@ -492,14 +506,17 @@ class PrefixStore:
                                                                 splitter=splitter)
         return Plan(prompt, model, tokenizer, splitter, run, chunks, found, add_special_tokens=add_special_tokens)
 
-    def finish(self, plan: "Plan", *, off_loop: bool = False) -> Tokenized:
+    def finish(self, plan: "Plan", *, off_loop: bool = False, spread: Spread | None = None) -> Tokenized:
         """Encode what the plan lacks, until every block that can match is known, and key it.
 
         ``off_loop``: on a worker thread, encoding without the GIL (the event loop runs on).
+        ``spread``: encodes several texts at once on other threads; a long stretch is then cut at
+        split points into pieces encoded side by side (the tokens are the same).
         """
         run, prompt = plan.run, plan.prompt
         backend = plan.tokenizer.backend_tokenizer
         encode = partial(encode_off_loop, backend) if off_loop else backend.encode
+        many = partial(spread, backend) if spread is not None else None
         if plan.whole:
             ids = encode(prompt, add_special_tokens=True).ids
             return Tokenized(self.keyer(ids, None, self.max_blocks), len(ids), False, len(prompt), 0)
@@ -510,7 +527,7 @@ class PrefixStore:
                 result.fill = lambda: self._record_anchor(plan)
             return result
         pieces = self._encode_until(plan.splitter, encode, prompt, run.chars, need,
-                                    plan.add_special_tokens and run.chars == 0)
+                                    plan.add_special_tokens and run.chars == 0, many)
         new_ids = [t for _, _, encoding in pieces for t in encoding.ids]
         rest = _tail_tokens(plan.found, run.tokens - len(run.keys) * self.block_size)
         keys = run.keys + self.keyer(rest + new_ids, run.keys[-1] if run.keys else None,
@@ -526,19 +543,22 @@ class PrefixStore:
             self._record_anchor(plan)
 
     def tokenize(self, tokenizer, prompt: str, model: str, *, add_special_tokens: bool,
-                 off_loop: bool = False) -> Tokenized:
+                 off_loop: bool = False, spread: Spread | None = None) -> Tokenized:
         """plan + finish, and the new chunks stored at once (tests, benchmarks)."""
         result = self.finish(self.plan(tokenizer, prompt, model, add_special_tokens=add_special_tokens),
-                             off_loop=off_loop)
+                             off_loop=off_loop, spread=spread)
         if result.fill is not None:
             result.fill()
         return result
 
     def _encode_until(self, splitter: Splitter, encode: Callable[..., Any], text: str, start: int, need: int,
-                      add_special_tokens: bool) -> list[tuple[int, int, object]]:
+                      add_special_tokens: bool,
+                      many: Callable[[list[str]], list[Any]] | None = None) -> list[tuple[int, int, object]]:
         """Encode text from ``start`` in pieces cut at split points, until ``need`` tokens or the
         end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
-        tokenization gives there."""
+        tokenization gives there. With ``many``, a stretch of at least two min_piece_chars is
+        cut again and its pieces encoded side by side (not the very start with special tokens:
+        only the first piece may carry them)."""
         pieces: list[tuple[int, int, object]] = []
         # Two characters per token at first (a whole prompt of up to that many tokens in one
         # encode: a second call costs more than it saves there), then the rate seen so far plus
@@ -554,14 +574,32 @@ class PrefixStore:
                 if cut <= pos:
                     window *= 2  # no split point in this stretch: look further
                     continue
-            encoding = encode(text[pos:cut], add_special_tokens=add_special_tokens and pos == 0)
-            pieces.append((pos, cut, encoding))
-            got += len(encoding.ids)
+            special = add_special_tokens and pos == 0
+            bounds = self._piece_bounds(splitter, text, pos, cut) if many is not None and not special else [pos, cut]
+            if len(bounds) > 2:
+                encodings = many([text[a:b] for a, b in zip(bounds, bounds[1:])])
+            else:
+                encodings = [encode(text[pos:cut], add_special_tokens=special)]
+            for a, b, encoding in zip(bounds, bounds[1:], encodings):
+                pieces.append((a, b, encoding))
+                got += len(encoding.ids)
             # Next stretch: what is still needed at the characters per token seen so far, plus a margin.
             rate = (cut - start) / max(got, 1)
             window = max(min(self.min_window_chars, 1024), int((need - got) * rate * 1.05) + 128)
             pos = cut
         return pieces
+
+    def _piece_bounds(self, splitter: Splitter, text: str, start: int, end: int) -> list[int]:
+        """[start, split points near equal shares of the stretch..., end]: at most max_pieces
+        pieces of about min_piece_chars or more."""
+        count = min(self.max_pieces, (end - start) // self.min_piece_chars)
+        bounds = [start]
+        for j in range(1, count):
+            cut = splitter.last_split(text, bounds[-1], start + (end - start) * j // count - splitter.margin)
+            if cut > bounds[-1]:
+                bounds.append(cut)
+        bounds.append(end)
+        return bounds
 
     def _store_chunks(self, plan: "Plan", pieces: list[tuple[int, int, object]], keys: list[int]) -> None:
         """Cache the chunks the new pieces cover: each chunk's tokens up to its split point, and the
@@ -641,6 +679,13 @@ class Plan:
     def to_encode(self) -> int:
         """Characters finish() may have to encode (an upper bound)."""
         return len(self.prompt) - self.run.chars
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _add_keys(chunks: list[_Chunk], keys: list[int]) -> int:

@@ -108,6 +108,29 @@ async def test_after_a_tokenizer_change_nothing_learnt_with_the_old_one_is_found
     assert (await indexer.get_pod_scores(request, PODS)).cache == "hit", "and learnt again with the new one"
 
 
+async def test_a_new_document_after_a_known_prefix_asks_the_index_for_a_few_blocks_not_all(tokenizers, tokenizer):
+    """Past the blocks the owner cache knows, the index is asked for FIRST_ASK blocks first and
+    for the rest only while some candidate's run goes on: a document no pod holds costs one
+    small read, a prompt a pod does hold is still matched to its end."""
+    from extproc.indexer import FIRST_ASK
+    index, indexer = await subscribed(tokenizers)
+    await store_prompt(index, tokenizer, indexer, chat(1, "first"), "pod-b")
+    await indexer.get_pod_scores(chat(1, "first"), PODS)
+    await tokenizers.settle()
+    document = " ".join(f"Clause {i} binds party {i % 7} to term {i * 13 % 101}." for i in range(400))
+    asked = index.asked
+    fresh = await indexer.get_pod_scores(chat(1, document), PODS)
+    assert list(fresh.matched) == ["pod-b"] and fresh.matched["pod-b"] + 3 * FIRST_ASK < fresh.total_blocks
+    assert index.asked - asked == FIRST_ASK, "the blocks past the known prefix that nobody holds: one small read"
+
+    held = chat(2, document)
+    keys = await store_prompt(index, tokenizer, indexer, held, "pod-c")
+    asked = index.asked
+    whole = await indexer.get_pod_scores(held, PODS)
+    assert whole.matched == {"pod-c": whole.total_blocks} and len(keys) == whole.total_blocks
+    assert index.asked - asked == whole.total_blocks, "a run that goes on is asked for to its end, once per block"
+
+
 async def test_a_newly_stored_block_shows_at_once_without_asking_the_index(tokenizers, tokenizer):
     index, indexer = await subscribed(tokenizers)
     request = chat(3, "q")

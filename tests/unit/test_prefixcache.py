@@ -17,7 +17,7 @@ from extproc.blocks import block_keys
 from extproc.config import PrefixStoreConfig
 from extproc.prefixcache import PrefixStore, Splitter
 from extproc.requests import RoutingRequest
-from extproc.tokenization import encode_off_loop, render_chat
+from extproc.tokenization import TokenizerManager, encode_off_loop, render_chat
 
 MODEL = "Qwen/Qwen3-0.6B"
 EVERY = 10**9
@@ -106,6 +106,50 @@ def test_tokenizing_stops_at_the_cut_with_exact_tokens(tokenizer, first, text, n
     assert result.cut == (result.chars < len(text))
     if not result.cut:
         assert result.tokens == len(truth)
+
+
+@pytest.fixture(scope="module")
+def spread():
+    """The tokenizer manager's piece pool, counting the texts it was given at once."""
+    manager = TokenizerManager({}, workers=2)
+
+    def counted(backend, texts):
+        counted.batches.append(len(texts))
+        return manager.spread(backend, texts)
+    counted.batches = []
+    yield counted
+    manager.close()
+
+
+@SETTINGS
+@given(first=any_text, text=any_text, need=st.integers(1, 300), piece=st.sampled_from([1, 3, 16]),
+       pieces=st.integers(2, 4), chunk=st.sampled_from([8, 16, 64]), special=st.booleans())
+def test_pieces_encoded_side_by_side_keep_exact_tokens(tokenizer, spread, first, text, need, piece, pieces, chunk,
+                                                       special):
+    """A stretch cut again at split points and encoded on several threads gives the tokens a
+    whole tokenization gives, up to the cut and with the special tokens of a completion."""
+    c = PrefixStore(PrefixStoreConfig(block_size=chunk), block_size=1, max_blocks=need,
+                    keyer=lambda tokens, parent, n: block_keys(tokens, 1, n, "chained", parent),
+                    min_window_chars=8, min_piece_chars=piece, max_pieces=pieces)
+    c.tokenize(tokenizer, first, MODEL, add_special_tokens=special, off_loop=True, spread=spread)
+    text = first[: len(first) // 2] + text
+    result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=special, off_loop=True, spread=spread)
+    truth = full(tokenizer, text, special)
+    assert result.keys == keys_of(truth, 1, need)
+    assert full(tokenizer, text[: result.chars], special) == truth[: result.tokens], "the cut is a split point"
+
+
+def test_a_long_stretch_is_encoded_in_pieces_side_by_side(tokenizer, spread):
+    block, max_blocks = 16, 1024  # 16k tokens: stretches of 32k characters and more, 8k at least per piece
+    c = PrefixStore(PrefixStoreConfig(), block_size=block, max_blocks=max_blocks,
+                    keyer=lambda tokens, parent, n: block_keys(tokens, block, n, "chained", parent), max_pieces=2)
+    document = "Section {}: the quarterly figures for region {} rose by {} percent. ".format
+    text = "".join(document(i, i % 7, i % 13) for i in range(5_000))
+    del spread.batches[:]
+    result = c.tokenize(tokenizer, text, MODEL, add_special_tokens=False, off_loop=True, spread=spread)
+    assert spread.batches and set(spread.batches) == {2}, "every stretch in two pieces, one per core"
+    assert result.keys == keys_of(full(tokenizer, text[:120_000]), block, max_blocks)
+    assert len(result.keys) == max_blocks
 
 
 conversation = st.lists(
