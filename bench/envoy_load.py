@@ -17,7 +17,12 @@ the measurement is the proxy path, not a Python HTTP server. Variants:
 Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor, and for the
 variants whose bodies wrk makes unique per request (``turn``, ``miss``) also to the floor driven
 by that same wrk script (``*_floor_same_client``: the Lua that makes each body runs on the same
-two cores, and the plain floor does not pay it). Then
+two cores, and the plain floor does not pay it). For the floor, the no-op and kv-extproc, the
+CPU the ext_proc process spent per request (``cpu_us``, and kv-extproc's over the floor's): at 8
+connections the cores are shared by wrk, two Envoys, Redis and the ext_proc, so CPU per
+request is what throughput follows; at 1 connection the machine idles between requests and
+the same code runs several times slower than in a busy loop (a 10 KB JSON parse: 18 us hot,
+65 us with 0.5 ms idle before it, 110 us with 2 ms), which latency there includes. Then
 ``doc``: a unique 1 MB document after a cached system prompt, sent one at a time (median of
 several), through the floor and kv-extproc, in both body modes.
 
@@ -213,20 +218,34 @@ end
 """
 
 
-def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, pid: int | None = None) -> dict:
+    """wrk's figures; with ``pid``, also the CPU that process spent per request (``cpu_us``):
+    what decides throughput once the cores are busy, and far steadier than latency here."""
     script = workdir / f"load-{connections}-{int(unique)}.lua"
     # Every run gets its own prefix for "unique" bodies: a repeat of an earlier run would hit the cache.
     script.write_text(LUA % (body, "true" if unique else "false", f"{time.time_ns():x}"))
+    cpu = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=DURATION + 30).stdout
+    cpu = cpu_seconds(pid) - cpu if pid else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
 
     def pct(name: str) -> float:
         value, unit = re.search(rf"\s{name}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+    stats = {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+    if pid:
+        stats["cpu_us"] = 1e6 * cpu / max(1, requests)
+    return stats
 
 
 ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload")
@@ -270,6 +289,7 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
     redis_server = launcher.start_redis(workdir)
     started: list = [backend, redis_server]
     results: dict = {"duration_s": DURATION, "rows": [], "doc": []}
+    pids: dict[str, int] = {}
     header = "x-gateway-destination-endpoint"
     try:
         def extproc(**extra):
@@ -278,6 +298,7 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                     "models": [{"name": MODEL, "tokenizer": tokenizer_dir}], "pods": pods, **extra}
             proc = launcher.start_extproc(conf, workdir)
             started.append(proc)
+            pids[proc.listen] = proc.proc.popen.pid
             return proc.listen
 
         def proxy(conf_fn, listen_ext, template="envoy.yaml"):
@@ -288,10 +309,13 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
             started.append(envoy)
             return envoy.url
 
+        # The no-op and floor ext_procs run on threads of this process, idle otherwise while wrk
+        # runs: its CPU time is theirs.
         noop_port, floor_port = launcher.free_port(), launcher.free_port()
         NoopExtProc(noop_port).start()
         FloorExtProc(floor_port, header=header, address=pods[0]["address"]).start()
-        urls = {}
+        urls: dict[str, str] = {}
+        cpu_of: dict[str, int] = {"noop": os.getpid(), "floor": os.getpid()}
         if "envoy" in variants:
             urls["envoy"] = proxy(without_ext_proc, f"127.0.0.1:{noop_port}")
         if "noop" in variants:
@@ -302,12 +326,13 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
         if {"hit", "miss", "turn"} & set(variants):
             kv = extproc()
             urls["hit"] = urls["miss"] = urls["turn"] = proxy(lambda c: c, kv)
-        if "nocache" in variants:
-            urls["nocache"] = proxy(lambda c: c, extproc(enablePodMappingCache=False))
-        if "memory" in variants:
-            urls["memory"] = proxy(lambda c: c, extproc(index={"backend": "memory"}))
-        if "noload" in variants:  # what scraping the engines' /metrics costs the request path
-            urls["noload"] = proxy(lambda c: c, extproc(load={"enabled": False}))
+            cpu_of["hit"] = cpu_of["miss"] = cpu_of["turn"] = pids[kv]
+        extras = {"nocache": {"enablePodMappingCache": False}, "memory": {"index": {"backend": "memory"}},
+                  "noload": {"load": {"enabled": False}}}  # noload: what scraping the engines' /metrics costs
+        for variant, extra in extras.items():
+            if variant in variants:
+                listen = extproc(**extra)
+                urls[variant], cpu_of[variant] = proxy(lambda c: c, listen), pids[listen]
         for size in sizes:
             system = text_of_tokens(tokenizer, size, seed=size)
             for connections in (1, 8):
@@ -315,13 +340,16 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                 for variant in variants:
                     body, unique = variant_body(variant, system)
                     wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)  # warm-up run
-                    stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)
+                    stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir,
+                                pid=cpu_of.get(variant))
                     row_base[variant] = stats
                     row = {"prompt_tokens": size, "connections": connections, "variant": variant, **stats}
                     for ref in REFERENCES:
                         if ref in row_base and ref != variant:
                             row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
                             row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
+                    if "cpu_us" in stats and "cpu_us" in row_base.get("floor", {}) and variant != "floor":
+                        row["cpu_us_over_floor"] = stats["cpu_us"] - row_base["floor"]["cpu_us"]
                     if unique and "floor" in urls:
                         # wrk makes each unique body in Lua, on the same two cores: the floor is also
                         # measured with this client, so the comparison charges kv-extproc only.
@@ -333,9 +361,12 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                     results["rows"].append(row)
                     extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items()
                                       if k.startswith(("rps_vs", "p50_minus")) and not isinstance(v, dict))
+                    cpu = (f"cpu {stats['cpu_us']:5.0f} us/req" + (f" (+{row['cpu_us_over_floor']:.0f} over the floor)"
+                                                                 if "cpu_us_over_floor" in row else "")
+                           if "cpu_us" in stats else "")
                     print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
-                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {extra}",
-                          flush=True)
+                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {cpu}  "
+                          f"{extra}", flush=True)
         if kv is not None and "floor" in variants and os.environ.get("BENCH_DOC", "1") != "0":
             duplex_port = launcher.free_port()
             FloorDuplexExtProc(duplex_port, header=header, address=pods[0]["address"]).start()
