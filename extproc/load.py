@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import httpget
 from .pods import Pod, PodPool
@@ -69,9 +69,9 @@ def parse_metrics(text: str, at: float, engine: int | None = None) -> EngineLoad
     return EngineLoad(waiting, running, min(1.0, max(0.0, kv)), at) if seen else None
 
 
-async def fetch(address: str, path: str, timeout: float) -> str:
+async def fetch(connection: httpget.Connection, path: str, timeout: float) -> str:
     """The metrics page as text. Raises OSError/TimeoutError/ValueError on failure."""
-    status, body = await httpget.get(address, path, timeout, max_bytes=MAX_METRICS_BYTES)
+    status, body = await connection.get(path, timeout, max_bytes=MAX_METRICS_BYTES)
     if not 200 <= status < 300:
         raise ValueError(f"status {status}")
     return body.decode("utf-8", "replace")
@@ -88,15 +88,28 @@ class LoadScraper:
     stale_after: float = 2.0
     concurrency: int = 16
     metrics: object | None = None
+    _connections: dict[str, httpget.Connection] = field(default_factory=dict, init=False)
+    """pod id -> its kept-alive connection (one per pod: ranks of one engine scrape apart)."""
 
     async def run(self) -> None:
         limit = asyncio.Semaphore(self.concurrency)
-        while True:
-            started = time.monotonic()
-            pods = self.pool.all()
-            await asyncio.gather(*(self._scrape(pod, limit) for pod in pods))
-            self.expire(pods, time.monotonic())
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        try:
+            while True:
+                started = time.monotonic()
+                pods = self.pool.all()
+                await asyncio.gather(*(self._scrape(pod, limit) for pod in pods))
+                self.expire(pods, time.monotonic())
+                self._forget({pod.id: pod.address for pod in pods})
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            self._forget({})
+
+    def _forget(self, current: dict[str, str]) -> None:
+        """Close the connections of pods gone (or moved to another address)."""
+        for pod_id, connection in list(self._connections.items()):
+            if current.get(pod_id) != connection.address:
+                connection.close()
+                del self._connections[pod_id]
 
     async def _scrape(self, pod: Pod, limit: asyncio.Semaphore) -> None:
         async with limit:
@@ -105,7 +118,12 @@ class LoadScraper:
             # share for one interval; too few would make our finished requests look like theirs.)
             open_before, routed_before = pod.in_flight, pod.routed
             try:
-                text = await fetch(pod.address, self.path, self.timeout)
+                connection = self._connections.get(pod.id)
+                if connection is None or connection.address != pod.address:
+                    if connection is not None:
+                        connection.close()
+                    connection = self._connections[pod.id] = httpget.Connection(pod.address)
+                text = await fetch(connection, self.path, self.timeout)
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
                 if self.metrics is not None:
                     self.metrics.load_scrape_errors.labels(pod.id).inc()
