@@ -46,7 +46,7 @@ class Connection:
                     if not status_line and reused:
                         self.close()  # closed by the pod while idle: once more, on a new connection
                         continue
-                    if not keep_alive and max_bytes <= 0:
+                    if not keep_alive and max_bytes <= 0 and _status(status_line) >= 200:
                         self.close()
                         return _status(status_line), b""
                     status, body, keep = await _response(reader, status_line, max_bytes)
@@ -79,14 +79,41 @@ async def get(address: str, path: str, timeout: float, *, max_bytes: int = 0) ->
 
 async def _response(reader: asyncio.StreamReader, status_line: bytes, max_bytes: int) -> tuple[int, bytes, bool]:
     """(status, body up to max_bytes, whether the connection can serve another request)."""
-    status = _status(status_line)
-    keep = status_line.startswith(b"HTTP/1.1 ")
+    while True:
+        status = _status(status_line)
+        keep, length, chunked = await _headers(reader, status_line.startswith(b"HTTP/1.1 "))
+        if not 100 <= status < 200 or status == 101:
+            break
+        status_line = await reader.readline()  # an interim answer (103 Early Hints...): the final one follows
+    if status == 101:
+        return status, b"", False  # not asked for: whatever the pod switched to, it is not HTTP
+    if status in (204, 304):
+        return status, b"", keep
+    limit = max(max_bytes, KEEP_BODY_BYTES) if keep else max_bytes
+    if chunked:
+        body, complete = await _chunks(reader, limit)
+        return status, body[:max_bytes], keep and complete
+    if length is not None:
+        body = await reader.readexactly(min(length, limit))
+        return status, body[:max_bytes], keep and length <= limit
+    parts, size = [], 0  # no length: the body ends with the connection
+    while size < max_bytes:
+        data = await reader.read(max_bytes - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return status, b"".join(parts), False
+
+
+async def _headers(reader: asyncio.StreamReader, keep: bool) -> tuple[bool, int | None, bool]:
+    """(keep the connection, Content-Length, chunked) from the header lines."""
     length = None
     chunked = False
     while True:
         line = await reader.readline()
         if line in (b"\r\n", b"\n"):
-            break
+            return keep, length, chunked
         if not line:
             raise asyncio.IncompleteReadError(b"", None)
         key, _, value = line.decode("latin-1").partition(":")
@@ -97,16 +124,6 @@ async def _response(reader: asyncio.StreamReader, status_line: bytes, max_bytes:
             chunked = True
         elif key == "connection" and "close" in value.lower():
             keep = False
-    if status in (204, 304) or 100 <= status < 200:
-        return status, b"", keep
-    limit = max(max_bytes, KEEP_BODY_BYTES) if keep else max_bytes
-    if chunked:
-        body, complete = await _chunks(reader, limit)
-        return status, body[:max_bytes], keep and complete
-    if length is not None:
-        body = await reader.readexactly(min(length, limit))
-        return status, body[:max_bytes], keep and length <= limit
-    return status, await reader.read(max_bytes) if max_bytes > 0 else b"", False  # ends with the connection
 
 
 def _status(status_line: bytes) -> int:

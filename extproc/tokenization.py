@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -163,6 +163,14 @@ def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> list
     return encode_off_loop(tokenizer.backend_tokenizer, text, add_special_tokens=add_special_tokens).ids
 
 
+def cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def encode_off_loop(backend: Any, text: str, *, add_special_tokens: bool) -> Any:
     """One text's Encoding, for a worker thread: the Rust tokenizer releases the GIL while it
     encodes a batch but not a single text, so a worker encoding with ``encode`` stops the
@@ -193,9 +201,10 @@ class TokenizerManager:
     def __init__(self, sources: dict[str, str], *, workers: int = 2, max_queued: int = 64, max_loaded: int = 8):
         self._sources = dict(sources)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
-        self._pieces = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize-piece")
+        self._pieces = ThreadPoolExecutor(max_workers=max(workers, cores() - 1), thread_name_prefix="tokenize-piece")
         """Pieces of a long prompt encoded beside the worker that cut them (spread); a pool of
-        its own, so a worker never waits on a job queued behind itself."""
+        its own, so a worker never waits on a job queued behind itself, with a thread for every
+        core the worker does not use."""
         self._slots = threading.BoundedSemaphore(workers + max_queued)
         self._max_loaded = max_loaded
         self._loaded: OrderedDict[str, Tokenizer] = OrderedDict()
@@ -305,12 +314,26 @@ class TokenizerManager:
         self._foreground -= 1
         self._slots.release()
 
-    def spread(self, backend: Any, texts: list[str]) -> list[Any]:
-        """Encodings of ``texts`` (no special tokens): the first on this thread, the others on
-        the piece pool, each without the GIL, so a long prompt's pieces use every core."""
-        jobs = [self._pieces.submit(encode_off_loop, backend, text, add_special_tokens=False) for text in texts[1:]]
-        first = encode_off_loop(backend, texts[0], add_special_tokens=False)
-        return [first, *(job.result() for job in jobs)]
+    def spread(self, backend: Any, texts: list[str], special_first: bool = False) -> list[Any]:
+        """Encodings of ``texts`` (special tokens on the first only, if asked): the first on this
+        thread, the others on the piece pool, each without the GIL, so a long prompt's pieces use
+        every core. A piece the pool cannot take (shutting down) is encoded here."""
+        jobs = []
+        for text in texts[1:]:
+            try:
+                jobs.append(self._pieces.submit(encode_off_loop, backend, text, add_special_tokens=False))
+            except RuntimeError:  # shut down
+                jobs.append(None)
+        first = encode_off_loop(backend, texts[0], add_special_tokens=special_first)
+        encodings = [first]
+        for text, job in zip(texts[1:], jobs):
+            try:
+                encodings.append(job.result() if job is not None else None)
+            except CancelledError:  # cancelled by a shutdown before it ran
+                encodings.append(None)
+            if encodings[-1] is None:
+                encodings[-1] = encode_off_loop(backend, text, add_special_tokens=False)
+        return encodings
 
     def background(self, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn(*args)`` on a spare worker; skipped while requests keep every worker busy,

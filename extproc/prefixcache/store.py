@@ -21,7 +21,6 @@ Thread-safe (its own lock): tokenizer threads fill it, the event loop reads it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import weakref
@@ -34,7 +33,7 @@ from functools import partial
 from typing import Any
 
 from ..config import PrefixStoreConfig
-from ..tokenization import encode_off_loop
+from ..tokenization import cores, encode_off_loop
 
 log = logging.getLogger("extproc.prefixcache")
 
@@ -299,8 +298,8 @@ encoding on one core."""
 
 MAX_PIECES = 4
 
-Spread = Callable[[Any, list[str]], list[Any]]
-"""(backend tokenizer, texts) -> their encodings without special tokens, encoded side by side."""
+Spread = Callable[[Any, list[str], bool], list[Any]]
+"""(backend tokenizer, texts, special tokens on the first) -> their encodings, side by side."""
 
 INLINE_CHARS = 2048
 """Text up to this long is tokenized on the calling thread (the event loop): a worker-thread
@@ -321,7 +320,7 @@ class PrefixStore:
         self.min_window_chars = min_window_chars
         """Text encoded at least at once when cutting (tests make it tiny to cut everywhere)."""
         self.min_piece_chars = max(1, min_piece_chars)
-        self.max_pieces = max_pieces or max(2, min(MAX_PIECES, _cores()))
+        self.max_pieces = max_pieces or max(2, min(MAX_PIECES, cores()))
         """A stretch encoded side by side is cut into at most this many pieces (one per core)."""
         self.min_anchor_chars = max(1, min_anchor_chars)
         self.anchor_head = anchor_head
@@ -553,12 +552,12 @@ class PrefixStore:
 
     def _encode_until(self, splitter: Splitter, encode: Callable[..., Any], text: str, start: int, need: int,
                       add_special_tokens: bool,
-                      many: Callable[[list[str]], list[Any]] | None = None) -> list[tuple[int, int, object]]:
+                      many: Callable[[list[str], bool], list[Any]] | None = None) -> list[tuple[int, int, object]]:
         """Encode text from ``start`` in pieces cut at split points, until ``need`` tokens or the
         end: [(first char, end char, encoding)]. Each piece's tokens are exactly those a whole
-        tokenization gives there. With ``many``, a stretch of at least two min_piece_chars is
-        cut again and its pieces encoded side by side (not the very start with special tokens:
-        only the first piece may carry them)."""
+        tokenization gives there (special tokens, which plan() allows only as a plain prefix,
+        on the piece at the very start). With ``many``, a stretch of at least two
+        min_piece_chars is cut again and its pieces encoded side by side."""
         pieces: list[tuple[int, int, object]] = []
         # Two characters per token at first (a whole prompt of up to that many tokens in one
         # encode: a second call costs more than it saves there), then the rate seen so far plus
@@ -575,9 +574,9 @@ class PrefixStore:
                     window *= 2  # no split point in this stretch: look further
                     continue
             special = add_special_tokens and pos == 0
-            bounds = self._piece_bounds(splitter, text, pos, cut) if many is not None and not special else [pos, cut]
+            bounds = self._piece_bounds(splitter, text, pos, cut) if many is not None else [pos, cut]
             if len(bounds) > 2:
-                encodings = many([text[a:b] for a, b in zip(bounds, bounds[1:])])
+                encodings = many([text[a:b] for a, b in zip(bounds, bounds[1:])], special)
             else:
                 encodings = [encode(text[pos:cut], add_special_tokens=special)]
             for a, b, encoding in zip(bounds, bounds[1:], encodings):
@@ -679,13 +678,6 @@ class Plan:
     def to_encode(self) -> int:
         """Characters finish() may have to encode (an upper bound)."""
         return len(self.prompt) - self.run.chars
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _add_keys(chunks: list[_Chunk], keys: list[int]) -> int:

@@ -159,3 +159,42 @@ async def test_the_one_off_get_asks_the_pod_to_close():
     finally:
         server.close()
     assert (status, body) == (503, b"") and b"Connection: close" in seen[0]
+
+
+async def test_an_interim_1xx_answer_is_skipped_and_the_connection_stays_in_step():
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n"
+    pod = Pod(lambda n: early + ok(b"body %d" % n))
+    async with pod as address:
+        connection = httpget.Connection(address)
+        replies = [await connection.get("/", 1.0, max_bytes=100) for _ in range(3)]
+        assert await httpget.get(address, "/health", 1.0) == (200, b""), "the health probe too"
+    assert replies == [(200, b"body 1"), (200, b"body 2"), (200, b"body 3")]
+    assert connection.opened == 1
+
+
+async def test_no_content_answers_keep_the_connection():
+    pod = Pod(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n" if n == 1 else ok())
+    async with pod as address:
+        connection = httpget.Connection(address)
+        assert await connection.get("/", 1.0, max_bytes=100) == (204, b"")
+        assert (await connection.get("/", 1.0, max_bytes=1 << 16))[1] == METRICS
+    assert connection.opened == 1
+
+
+async def test_a_body_without_length_is_read_to_the_end_of_the_connection():
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst part, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"second part")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        connection = httpget.Connection(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        assert await connection.get("/", 1.0, max_bytes=100) == (200, b"first part, second part")
+        assert connection._streams is None, "such a body ends with its connection"
+    finally:
+        server.close()

@@ -113,9 +113,9 @@ def spread():
     """The tokenizer manager's piece pool, counting the texts it was given at once."""
     manager = TokenizerManager({}, workers=2)
 
-    def counted(backend, texts):
+    def counted(backend, texts, special_first=False):
         counted.batches.append(len(texts))
-        return manager.spread(backend, texts)
+        return manager.spread(backend, texts, special_first)
     counted.batches = []
     yield counted
     manager.close()
@@ -150,6 +150,29 @@ def test_a_long_stretch_is_encoded_in_pieces_side_by_side(tokenizer, spread):
     assert spread.batches and set(spread.batches) == {2}, "every stretch in two pieces, one per core"
     assert result.keys == keys_of(full(tokenizer, text[:120_000]), block, max_blocks)
     assert len(result.keys) == max_blocks
+
+
+def test_a_spread_during_shutdown_encodes_the_pieces_the_pool_dropped(tokenizer):
+    """Pieces cancelled by close() before they ran, or refused after it, are encoded by the
+    caller: a request in flight at shutdown still gets its tokens, not an exception."""
+    import threading
+    backend = tokenizer.backend_tokenizer
+    texts = ["The first piece, ", "the second one, ", "and the third."]
+    truth = [backend.encode(t, add_special_tokens=False).ids for t in texts]
+    manager = TokenizerManager({}, workers=1)
+    hold, busy = threading.Event(), []
+    for _ in range(manager._pieces._max_workers):  # every piece thread busy: the spread's pieces queue
+        busy.append(manager._pieces.submit(hold.wait, 10))
+    result = []
+    caller = threading.Thread(target=lambda: result.append(manager.spread(backend, texts)))
+    caller.start()
+    while manager._pieces._work_queue.qsize() < len(texts) - 1:
+        pass
+    manager.close()  # cancels the queued pieces
+    hold.set()
+    caller.join(10)
+    assert [e.ids for e in result[0]] == truth
+    assert [e.ids for e in manager.spread(backend, texts)] == truth, "after shutdown, all on the caller"
 
 
 conversation = st.lists(
