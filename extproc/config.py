@@ -238,8 +238,8 @@ class RemoteTokenizationConfig(_Section):
 
 class TokenizationConfig(_Section):
     workers: int = 2
-    """Threads that encode prompts, so tokenizing never blocks the event loop (and as many more
-    for the pieces of a long prompt, encoded side by side)."""
+    """Threads that encode prompts, so tokenizing never blocks the event loop (and at least as
+    many more for the pieces of a long prompt, encoded side by side)."""
     max_queued: int = 64
     """Encodes waiting for a worker beyond this fall back to load-based routing."""
     max_loaded: int = 8
