@@ -89,7 +89,7 @@ class LoadScraper:
     concurrency: int = 16
     metrics: object | None = None
     _connections: dict[str, httpget.Connection] = field(default_factory=dict, init=False)
-    """pod id -> its kept-alive connection (one per pod: ranks of one engine scrape apart)."""
+    """address -> its kept-alive connection."""
 
     async def run(self) -> None:
         limit = asyncio.Semaphore(self.concurrency)
@@ -97,41 +97,49 @@ class LoadScraper:
             while True:
                 started = time.monotonic()
                 pods = self.pool.all()
-                await asyncio.gather(*(self._scrape(pod, limit) for pod in pods))
+                engines: dict[str, list[Pod]] = {}
+                for pod in pods:  # the data-parallel ranks of one engine share its address and page
+                    engines.setdefault(pod.address, []).append(pod)
+                await asyncio.gather(*(self._scrape_engine(ranks, limit) for ranks in engines.values()))
                 self.expire(pods, time.monotonic())
-                self._forget({pod.id: pod.address for pod in pods})
+                self._forget(engines.keys())
                 await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
-            self._forget({})
+            self._forget(())
 
-    def _forget(self, current: dict[str, str]) -> None:
-        """Close the connections of pods gone (or moved to another address)."""
-        for pod_id, connection in list(self._connections.items()):
-            if current.get(pod_id) != connection.address:
-                connection.close()
-                del self._connections[pod_id]
+    def _forget(self, addresses: Iterable[str]) -> None:
+        """Close the connections of engines gone."""
+        current = set(addresses)
+        for address in [a for a in self._connections if a not in current]:
+            self._connections.pop(address).close()
 
     async def _scrape(self, pod: Pod, limit: asyncio.Semaphore) -> None:
+        await self._scrape_engine([pod], limit)
+
+    async def _scrape_engine(self, pods: list[Pod], limit: asyncio.Semaphore) -> None:
+        """One read of the engine's page, each rank's numbers from it."""
+        address = pods[0].address
         async with limit:
             # Ours the engine may count: those open when the scrape starts and any sent during it.
             # (Counting too many of ours as the engine's underestimates the other replicas'
             # share for one interval; too few would make our finished requests look like theirs.)
-            open_before, routed_before = pod.in_flight, pod.routed
+            before = [(pod.in_flight, pod.routed) for pod in pods]
             try:
-                connection = self._connections.get(pod.id)
-                if connection is None or connection.address != pod.address:
-                    if connection is not None:
-                        connection.close()
-                    connection = self._connections[pod.id] = httpget.Connection(pod.address)
+                connection = self._connections.get(address)
+                if connection is None:
+                    connection = self._connections[address] = httpget.Connection(address)
                 text = await fetch(connection, self.path, self.timeout)
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
-                if self.metrics is not None:
-                    self.metrics.load_scrape_errors.labels(pod.id).inc()
-                log.debug("pod %s: /metrics not read: %r", pod.id, exc)
+                for pod in pods:
+                    if self.metrics is not None:
+                        self.metrics.load_scrape_errors.labels(pod.id).inc()
+                log.debug("engine %s: /metrics not read: %r", address, exc)
                 return
-        load = parse_metrics(text, time.monotonic(), pod.rank)
-        if load is not None:
-            record(pod, load, ours=open_before + pod.routed - routed_before)
+        at = time.monotonic()
+        for pod, (open_before, routed_before) in zip(pods, before):
+            load = parse_metrics(text, at, pod.rank)
+            if load is not None:
+                record(pod, load, ours=open_before + pod.routed - routed_before)
 
     def expire(self, pods: Iterable[Pod], now: float) -> None:
         """Forget engine numbers older than stale_after: unknown, not idle."""

@@ -137,11 +137,36 @@ async def test_a_removed_pod_s_connection_is_closed():
         pool = PodPool([PodConfig(id="a", address=address)])
         scraper = LoadScraper(pool, interval=0.01, timeout=0.5)
         await scraper._scrape(pool.get("a"), asyncio.Semaphore(1))
-        kept = scraper._connections["a"]
-        scraper._forget({})
-        assert "a" not in scraper._connections and kept._streams is None
+        kept = scraper._connections[address]
+        scraper._forget([])
+        assert address not in scraper._connections and kept._streams is None
         await scraper._scrape(pool.get("a"), asyncio.Semaphore(1))
     assert pod.connections == 2
+
+
+async def test_the_ranks_of_one_engine_share_one_read_of_its_page():
+    """Data-parallel ranks are pods at one address: one connection and one read of the page per
+    round, each rank's numbers from its own series."""
+    page = (b'vllm:num_requests_waiting{engine="0"} 1.0\nvllm:num_requests_running{engine="0"} 2.0\n'
+            b'vllm:num_requests_waiting{engine="1"} 5.0\nvllm:num_requests_running{engine="1"} 0.0\n')
+    pod = Pod(lambda n: ok(page))
+    async with pod as address:
+        pool = PodPool([PodConfig(id="a", address=address, data_parallel_size=2)])  # candidates a#0, a#1
+        scraper = LoadScraper(pool, interval=0.01, timeout=0.5)
+        task = asyncio.ensure_future(scraper.run())
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if pod.requests >= 5:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        reads = pod.requests
+        await scraper._scrape_engine(pool.all(), asyncio.Semaphore(1))
+    assert pod.requests == reads + 1, "one read for both ranks"
+    assert pod.connections == 2, "one kept connection while running (the run's end closed it), then one more"
+    assert (pool.get("a#0").engine.waiting, pool.get("a#0").engine.running) == (1.0, 2.0)
+    assert (pool.get("a#1").engine.waiting, pool.get("a#1").engine.running) == (5.0, 0.0)
 
 
 async def test_the_one_off_get_asks_the_pod_to_close():

@@ -248,7 +248,9 @@ def test_a_pods_typical_lifetime_follows_its_requests():
                           st.floats(0.0, 0.5), st.integers(0, 10)), max_size=60))
 def test_what_a_pod_owes_is_the_sum_of_its_open_requests_shrinking_work(steps):
     """Kept in O(1) sums, it equals the sum over open requests of work x (1 - age / lifetime),
-    for each not yet found older than the lifetime at an earlier look."""
+    for each not yet found older than the lifetime at an earlier look; ages in whole
+    nanoseconds, as the ledger keeps them (exact sums: a lifetime of microseconds shows the
+    rounding)."""
     pod = pool("a").get("a")
     now, model, request_tokens = 0.0, [], 700  # model: [entry, tokens, at, expired]
     for action, tokens, step, pick in steps:
@@ -266,7 +268,8 @@ def test_what_a_pod_owes_is_the_sum_of_its_open_requests_shrinking_work(steps):
                     item[3] = True
                 if not item[3]:
                     work = item[1] + request_tokens
-                    expected += work * (1 - (now - item[2]) / life) if life is not None else work
+                    age_ns = round(now * 1e9) - round(item[2] * 1e9)
+                    expected += work * (1 - age_ns / (life * 1e9)) if life is not None else work
             assert pod.owed(now, request_tokens) == pytest.approx(expected, rel=1e-6, abs=1e-3)
         assert pod.in_flight == len(model)
         assert pod.open_tokens == sum(item[1] for item in model)
