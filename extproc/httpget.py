@@ -46,9 +46,9 @@ class Connection:
                     if not status_line and reused:
                         self.close()  # closed by the pod while idle: once more, on a new connection
                         continue
-                    if not keep_alive and max_bytes <= 0 and _status(status_line) >= 200:
+                    if not keep_alive and max_bytes <= 0 and (status := _status(status_line)) >= 200:
                         self.close()
-                        return _status(status_line), b""
+                        return status, b""
                     status, body, keep = await _response(reader, status_line, max_bytes)
                     if not keep or not keep_alive:
                         self.close()

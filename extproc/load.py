@@ -113,9 +113,6 @@ class LoadScraper:
         for address in [a for a in self._connections if a not in current]:
             self._connections.pop(address).close()
 
-    async def _scrape(self, pod: Pod, limit: asyncio.Semaphore) -> None:
-        await self._scrape_engine([pod], limit)
-
     async def _scrape_engine(self, pods: list[Pod], limit: asyncio.Semaphore) -> None:
         """One read of the engine's page, each rank's numbers from it."""
         address = pods[0].address

@@ -324,15 +324,10 @@ class TokenizerManager:
                 jobs.append(self._pieces.submit(encode_off_loop, backend, text, add_special_tokens=False))
             except RuntimeError:  # shut down
                 jobs.append(None)
-        first = encode_off_loop(backend, texts[0], add_special_tokens=special_first)
-        encodings = [first]
+        encodings = [encode_off_loop(backend, texts[0], add_special_tokens=special_first)]
         for text, job in zip(texts[1:], jobs):
-            try:
-                encodings.append(job.result() if job is not None else None)
-            except CancelledError:  # cancelled by a shutdown before it ran
-                encodings.append(None)
-            if encodings[-1] is None:
-                encodings[-1] = encode_off_loop(backend, text, add_special_tokens=False)
+            done = _result(job)
+            encodings.append(done if done is not None else encode_off_loop(backend, text, add_special_tokens=False))
         return encodings
 
     def background(self, fn: Callable[..., Any], *args: Any) -> bool:
@@ -364,6 +359,14 @@ class TokenizerManager:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pieces.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(job) -> Any:
+    """A piece job's encoding; None if there was no job or a shutdown cancelled it before it ran."""
+    try:
+        return job.result() if job is not None else None
+    except CancelledError:
+        return None
 
 
 def _retrieve(future: asyncio.Future) -> None:

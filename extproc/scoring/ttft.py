@@ -71,12 +71,15 @@ class TtftScorer:
         guarded = self.max_start_ratio and busy < self.guard_below_queue
         latest = max(soonest, self.max_start_ratio * soonest + self.start_slack_tokens) if guarded else float("inf")
         block = max(1, context.block_tokens)
-        in_band = {pod: c for pod, c in cost.items() if start[pod] <= latest}
-        base = min(in_band.values()) + block
-        values = {pod: base / (c + block) for pod, c in in_band.items()}
-        if len(values) < len(cost):
-            out = {pod: c for pod, c in cost.items() if pod not in in_band}
+        values = _relative({pod: c for pod, c in cost.items() if start[pod] <= latest}, block)
+        out = {pod: c for pod, c in cost.items() if pod not in values}
+        if out:
             share = GUARDED_SHARE * min(values.values())
-            out_base = min(out.values()) + block
-            values.update({pod: share * out_base / (c + block) for pod, c in out.items()})
+            values.update({pod: share * v for pod, v in _relative(out, block).items()})
         return Scores(values, cost)
+
+
+def _relative(costs: dict[str, float], block: int) -> dict[str, float]:
+    """(min cost + block) / (cost + block): 1 for the cheapest."""
+    base = min(costs.values()) + block
+    return {pod: base / (c + block) for pod, c in costs.items()}

@@ -54,6 +54,18 @@ class Pod:
         self.server.close()
 
 
+async def scrape_until(scraper: LoadScraper, pod: Pod, requests: int) -> None:
+    """Run the scraper until the pod has served ``requests`` reads (3 s at most), then stop it."""
+    task = asyncio.ensure_future(scraper.run())
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        if pod.requests >= requests:
+            break
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def ok(body: bytes = METRICS) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
 
@@ -62,14 +74,7 @@ async def test_the_scraper_keeps_one_connection_per_pod():
     pod = Pod(lambda n: ok())
     async with pod as address:
         pool = PodPool([PodConfig(id="a", address=address)])
-        task = asyncio.ensure_future(LoadScraper(pool, interval=0.01, timeout=0.5).run())
-        for _ in range(300):
-            await asyncio.sleep(0.01)
-            if pod.requests >= 10:
-                break
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await scrape_until(LoadScraper(pool, interval=0.01, timeout=0.5), pod, 10)
     assert pod.requests >= 10 and pod.connections == 1
     assert pool.get("a").engine.waiting == 2.0
 
@@ -136,11 +141,11 @@ async def test_a_removed_pod_s_connection_is_closed():
     async with pod as address:
         pool = PodPool([PodConfig(id="a", address=address)])
         scraper = LoadScraper(pool, interval=0.01, timeout=0.5)
-        await scraper._scrape(pool.get("a"), asyncio.Semaphore(1))
+        await scraper._scrape_engine([pool.get("a")], asyncio.Semaphore(1))
         kept = scraper._connections[address]
         scraper._forget([])
         assert address not in scraper._connections and kept._streams is None
-        await scraper._scrape(pool.get("a"), asyncio.Semaphore(1))
+        await scraper._scrape_engine([pool.get("a")], asyncio.Semaphore(1))
     assert pod.connections == 2
 
 
@@ -153,14 +158,7 @@ async def test_the_ranks_of_one_engine_share_one_read_of_its_page():
     async with pod as address:
         pool = PodPool([PodConfig(id="a", address=address, data_parallel_size=2)])  # candidates a#0, a#1
         scraper = LoadScraper(pool, interval=0.01, timeout=0.5)
-        task = asyncio.ensure_future(scraper.run())
-        for _ in range(300):
-            await asyncio.sleep(0.01)
-            if pod.requests >= 5:
-                break
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await scrape_until(scraper, pod, 5)
         reads = pod.requests
         await scraper._scrape_engine(pool.all(), asyncio.Semaphore(1))
     assert pod.requests == reads + 1, "one read for both ranks"

@@ -438,7 +438,7 @@ async def test_our_request_that_came_and_went_during_a_scrape_is_not_taken_for_a
     pod_ref["pod"] = p.get("a")
     scraper = LoadScraper(p, interval=10, timeout=1)
     try:
-        await scraper._scrape(p.get("a"), asyncio.Semaphore(1))
+        await scraper._scrape_engine([p.get("a")], asyncio.Semaphore(1))
     finally:
         server.close()
     assert p.get("a").engine.running == 1.0
