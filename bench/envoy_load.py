@@ -13,9 +13,11 @@ the measurement is the proxy path, not a Python HTTP server. Variants:
 - ``miss``: kv-extproc, a new prompt every time;
 - ``nocache``: kv-extproc with the prefix cache off, same prompt every time;
 - ``memory``: the hit workload with the in-process index instead of Redis;
-- ``noload``: the hit workload without the engines' /metrics scraper (load.enabled false).
+- ``noload``: the hit workload without the engines' /metrics scraper (load.enabled false);
+- ``mirror``: the turn workload with the whole index mirrored in the replica
+  (``prefixStoreConfig.mirror``): the new text's blocks are answered without asking Redis.
 Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor, and for the
-variants whose bodies wrk makes unique per request (``turn``, ``miss``) also to the floor driven
+variants whose bodies wrk makes unique per request (``turn``, ``mirror``, ``miss``) also to the floor driven
 by that same wrk script (``*_floor_same_client``: the Lua that makes each body runs on the same
 two cores, and the plain floor does not pay it). For the floor, the no-op and kv-extproc, the
 CPU the ext_proc process spent per request (``cpu_us``, and kv-extproc's over the floor's): at 8
@@ -248,7 +250,7 @@ def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, p
     return stats
 
 
-ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload")
+ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload", "mirror")
 REFERENCES = ("envoy", "noop", "floor")
 
 
@@ -261,7 +263,7 @@ def variant_body(variant: str, system: str) -> tuple[str, bool]:
     """The wrk body template and whether @@N@@ in it is replaced per request."""
     if variant == "miss":
         return chat_body("@@N@@ " + system, "hi"), True
-    if variant == "turn":
+    if variant in ("turn", "mirror"):
         return chat_body(system, "Question @@N@@: what changed since the last release, and why?"), True
     return chat_body(system, "hi"), False
 
@@ -328,7 +330,8 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
             urls["hit"] = urls["miss"] = urls["turn"] = proxy(lambda c: c, kv)
             cpu_of["hit"] = cpu_of["miss"] = cpu_of["turn"] = pids[kv]
         extras = {"nocache": {"enablePodMappingCache": False}, "memory": {"index": {"backend": "memory"}},
-                  "noload": {"load": {"enabled": False}}}  # noload: what scraping the engines' /metrics costs
+                  "noload": {"load": {"enabled": False}},  # noload: what scraping the engines' /metrics costs
+                  "mirror": {"prefixStoreConfig": {"mirror": True}}}  # the turn workload, index mirrored in-process
         for variant, extra in extras.items():
             if variant in variants:
                 listen = extproc(**extra)

@@ -2,7 +2,8 @@
 with the cache disabled, for chat prompts of about 1k, 4k and 16k tokens (a shared system
 prompt, then a short user turn). Cases alternate within each round, against a real local
 Redis holding the system prompt's blocks, so the ratios come from one run. Then a stream of
-new turns alone ("turns"): the same partial hit without misses in between.
+new turns alone ("turns"): the same partial hit without misses in between, then with the whole
+index mirrored in-process ("turns_mirror", ``prefixStoreConfig.mirror``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,19 @@ async def run_async() -> dict:
                 if i >= 5:
                     turns.append(elapsed)
             samples["turns"] = turns
+            # The same with the whole index mirrored in-process (prefixStoreConfig.mirror): the
+            # new text's block is answered here, not by Redis.
+            mirrored = router(build_cache(PrefixStoreConfig(mirror=True), block_size=128, max_blocks=128,
+                                          scheme="chained"))
+            await index.subscribe(mirrored.indexer.on_invalidation)
+            assert await mirrored.indexer.load_mirror()
+            await _timed(mirrored, request(system, "repeat"))
+            turns = []
+            for i in range(ROUNDS[size] * 2):
+                elapsed = await _timed(mirrored, request(system, f"question {i} of a new conversation"))
+                if i >= 5:
+                    turns.append(elapsed)
+            samples["turns_mirror"] = turns
             stats = {case: summary(values) for case, values in samples.items()}
             tokens = len(tokenize_with(tokenizer, request(system, "repeat")))
             row = {"prompt_tokens": tokens, **{f"{case}_{k}": v for case, s in stats.items() for k, v in s.items()
@@ -107,7 +121,7 @@ async def run_async() -> dict:
                   f"{stats['disabled']['p50_us']:>7.0f} us  (p50)   miss/hit {row['miss_over_hit']:.1f}x  "
                   f"miss/disabled {row['miss_over_disabled']:.3f}  (miss also fills the store in the "
                   f"background: {row['miss_fill_background_p50_us']:.0f} us)  new turns in a row "
-                  f"{stats['turns']['p50_us']:.0f} us")
+                  f"{stats['turns']['p50_us']:.0f} us (index mirrored: {stats['turns_mirror']['p50_us']:.0f} us)")
     finally:
         tokenizers.close()
         await index.close()
