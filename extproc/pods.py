@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 LIFETIME_WEIGHT = 0.1
 """How much one finished request moves a pod's typical request lifetime (an EWMA)."""
 
+WAITING_SCAN = 256
+"""At most this many of the newest open requests are read to undo their shrinking (OpenLedger.owed)."""
+
 
 @dataclass(eq=False, slots=True)
 class OpenRequest:
@@ -79,9 +82,11 @@ class OpenLedger:
         took = max(0.0, now - entry.at)
         self.lifetime = took if self.lifetime is None else self.lifetime + LIFETIME_WEIGHT * (took - self.lifetime)
 
-    def owed(self, now: float, request_tokens: int) -> float:
+    def owed(self, now: float, request_tokens: int, waiting: int = 0) -> float:
         """Sum of (tokens + request_tokens) x (1 - age / lifetime) over the counted requests;
-        without a lifetime yet, nothing shrinks. Requests a lifetime old leave the sums."""
+        without a lifetime yet, nothing shrinks. Requests a lifetime old leave the sums.
+        The newest ``waiting`` requests (the engine's queue is first come, first served) have
+        not started: they count whole (at most WAITING_SCAN of them are read)."""
         queue, life = self._queue, self.lifetime
         while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
             entry = queue.popleft()
@@ -96,7 +101,21 @@ class OpenLedger:
         if life <= 0:  # ours end at once here: nothing is owed
             return 0.0
         done_ns = round(now * 1e9) * work - (self._tokens_at + request_tokens * self._at)
-        return max(0.0, work - done_ns / (life * 1e9))
+        owed = max(0.0, work - done_ns / (life * 1e9))
+        if waiting > 0:
+            owed += self._unshrunk(now, request_tokens, waiting, life)
+        return owed
+
+    def _unshrunk(self, now: float, request_tokens: int, waiting: int, life: float) -> float:
+        """What the shrinking took from the newest ``waiting`` counted requests."""
+        back = 0.0
+        for read, entry in enumerate(reversed(self._queue)):
+            if waiting <= 0 or read >= WAITING_SCAN:
+                break
+            if entry.counted:
+                waiting -= 1
+                back += (entry.tokens + request_tokens) * min(1.0, max(0.0, now - entry.at) / life)
+        return back
 
     def held(self) -> int:
         """Records held (counted, or ended and waiting to leave from the front)."""
@@ -159,7 +178,18 @@ class Pod:
 
     def owed(self, now: float, request_tokens: int) -> float:
         """The work our open requests still bring here, in prompt tokens (OpenLedger.owed)."""
-        return self.ledger.owed(now, request_tokens)
+        return self.ledger.owed(now, request_tokens, self.waiting_ours())
+
+    def waiting_ours(self) -> int:
+        """How many of our open requests the engine has not started: our share of the queue it
+        reported, and every one we sent since if it reported one (none while it had no queue:
+        an engine batching requests starts a new one at once)."""
+        engine = self.engine
+        if engine is None or engine.waiting <= 0:
+            return 0
+        held = engine.waiting + engine.running
+        ours = min(self.in_flight_at_scrape, round(engine.waiting * min(1.0, self.in_flight_at_scrape / held)))
+        return ours + max(0, self.in_flight - self.in_flight_at_scrape)
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""

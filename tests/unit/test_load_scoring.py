@@ -195,6 +195,54 @@ def test_a_pod_whose_request_is_nearly_done_goes_before_one_whose_request_just_b
     assert p.get("a").ledger.lifetime == pytest.approx(1.0)
 
 
+def test_requests_the_engine_still_queues_count_whole():
+    """An engine serves its queue first come, first served: the requests it reports waiting
+    are our newest there, and none of their work is done, however long they have waited."""
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 1.0)  # ours take 1 s here
+    for at in (9.1, 9.5, 9.9):
+        pod.opened(500, at)
+    work = 500 + 1500
+    assert pod.owed(10.0, 1500) == pytest.approx(work * (0.1 + 0.5 + 0.9)), "no queue reported: all shrink"
+    record(pod, EngineLoad(2.0, 1.0, 0.0, 10.0))  # it runs the oldest, holds the two newest
+    assert pod.waiting_ours() == 2
+    assert pod.owed(10.0, 1500) == pytest.approx(work * 0.1 + 2 * work)
+    pod.opened(500, 10.0)
+    assert pod.waiting_ours() == 3, "one sent after a reading that showed a queue waits behind it"
+    assert pod.owed(10.0, 1500) == pytest.approx(work * 0.1 + 3 * work)
+
+
+def test_only_our_share_of_an_engines_queue_counts_whole():
+    """Other replicas send to the same engine: of the 4 it holds in its queue (8 in all, 2 of
+    them ours when it was read), our share is 1."""
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 1.0)
+    pod.opened(500, 9.5)
+    pod.opened(500, 9.9)
+    record(pod, EngineLoad(4.0, 4.0, 0.0, 10.0))
+    assert pod.waiting_ours() == 1
+    assert pod.owed(10.0, 1500) == pytest.approx(2000 * 0.5 + 2000)
+
+
+def test_a_pod_whose_requests_wait_in_its_queue_is_not_taken_for_nearly_done():
+    """Pod a got three of ours 0.8 s ago, and ours take 1 s: shrinking alone says a fifth of
+    their work is left, less than the one request pod b began 0.2 s ago. But a's engine says two
+    of them have not started: a is the busier, and the request goes to b."""
+    p = pool("a", "b")
+    for pod in p.all():
+        pod.closed(pod.opened(0, 0.0), 1.0)
+    a, b = p.get("a"), p.get("b")
+    for _ in range(3):
+        a.opened(500, 9.2)
+    b.opened(500, 9.8)
+    record(a, EngineLoad(0.0, 3.0, 0.0, 10.0))
+    record(b, EngineLoad(0.0, 1.0, 0.0, 10.0))
+    only_ours = profile(requestTokens=1500, queuedRequestTokens=0)  # what our own requests owe, nothing else
+    assert decide(only_ours, p.all(), {}, now=10.0).pod.id == "a", "as if all three ran"
+    record(a, EngineLoad(2.0, 1.0, 0.0, 10.0))
+    assert decide(only_ours, p.all(), {}, now=10.0).pod.id == "b"
+
+
 def test_without_a_finished_request_a_pod_owes_all_of_its_open_work():
     p = pool("a")
     pod = p.get("a")
