@@ -144,6 +144,8 @@ class Pod:
     """Requests this replica has sent here, ever (to tell which of ours a scrape may count)."""
     in_flight_at_scrape: int = 0
     """This replica's own requests open here when the engine was read (its reading counts them)."""
+    routed_at_scrape: int = 0
+    """``routed`` when the engine was read: ours sent since are the newest in its queue."""
     last_pick: int = 0
     """When this replica last chose it (monotonic ns): of equally loaded pods, the one
     chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""
@@ -181,15 +183,18 @@ class Pod:
         return self.ledger.owed(now, request_tokens, self.waiting_ours())
 
     def waiting_ours(self) -> int:
-        """How many of our open requests the engine has not started: our share of the queue it
-        reported, and every one we sent since if it reported one (none while it had no queue:
-        an engine batching requests starts a new one at once)."""
+        """How many of our open requests the engine has not started, if its last reading showed
+        a queue (none otherwise: an engine batching requests starts a new one at once): our
+        share of that queue, less one for each of ours that ended since (its place went to the
+        next in line), plus every one we sent since (behind the queue)."""
         engine = self.engine
         if engine is None or engine.waiting <= 0:
             return 0
         held = engine.waiting + engine.running
         ours = min(self.in_flight_at_scrape, round(engine.waiting * min(1.0, self.in_flight_at_scrape / held)))
-        return ours + max(0, self.in_flight - self.in_flight_at_scrape)
+        sent = self.routed - self.routed_at_scrape
+        ended = max(0, self.in_flight_at_scrape + sent - self.in_flight)
+        return max(0, ours - ended) + sent
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""

@@ -200,8 +200,7 @@ def test_requests_the_engine_still_queues_count_whole():
     are our newest there, and none of their work is done, however long they have waited."""
     pod = pool("a").get("a")
     pod.closed(pod.opened(0, 0.0), 1.0)  # ours take 1 s here
-    for at in (9.1, 9.5, 9.9):
-        pod.opened(500, at)
+    oldest, *_ = [pod.opened(500, at) for at in (9.1, 9.5, 9.9)]
     work = 500 + 1500
     assert pod.owed(10.0, 1500) == pytest.approx(work * (0.1 + 0.5 + 0.9)), "no queue reported: all shrink"
     record(pod, EngineLoad(2.0, 1.0, 0.0, 10.0))  # it runs the oldest, holds the two newest
@@ -210,6 +209,10 @@ def test_requests_the_engine_still_queues_count_whole():
     pod.opened(500, 10.0)
     assert pod.waiting_ours() == 3, "one sent after a reading that showed a queue waits behind it"
     assert pod.owed(10.0, 1500) == pytest.approx(work * 0.1 + 3 * work)
+    pod.closed(oldest, 10.0)
+    assert pod.waiting_ours() == 2, "the one it ran ended: the next in line (routed at 9.5) runs now"
+    life = pod.ledger.lifetime  # the end taught it 0.9 s
+    assert pod.owed(10.0, 1500) == pytest.approx(work * (1 - 0.5 / life) + 2 * work)
 
 
 def test_only_our_share_of_an_engines_queue_counts_whole():
