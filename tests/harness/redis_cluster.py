@@ -483,7 +483,9 @@ def start_sentinel(workdir: Path, *, service: str = "kvindex", password: str | N
             if password:
                 lines.append(f"sentinel auth-pass {service} {password}")
             conf.write_text("\n".join(lines) + "\n")
-            argv = [str(Path(launcher.redis_binary()).with_name("redis-sentinel")), str(conf)]
+            # redis-server in Sentinel mode: the same program the redis-sentinel package links to,
+            # so Debian's redis-server alone is enough.
+            argv = [launcher.redis_binary(), str(conf), "--sentinel"]
             node = Node(port, directory, argv)
             node.proc = launcher._spawn(f"sentinel-{port}", argv, directory)
             started.append(node)

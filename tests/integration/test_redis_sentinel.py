@@ -1,4 +1,4 @@
-"""kv-extproc on a Sentinel-managed Redis: a primary, one replica and three ``redis-sentinel``
+"""kv-extproc on a Sentinel-managed Redis: a primary, one replica and three Sentinels (``redis-server --sentinel``)
 (quorum 2), with AUTH on the data nodes, started on loopback for this module.
 
 In order (the last test breaks the primary): wrong modes fail at start-up with one line; both

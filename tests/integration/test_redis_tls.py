@@ -4,7 +4,7 @@
 Standalone: one ``redis-server``, reached through ``rediss://`` with ``tlsCaFile``,
 ``tlsCertFile`` and ``tlsKeyFile``. Cluster: three ``redis-server --cluster-enabled yes
 --tls-cluster yes``. Sentinel: a primary, a replica (``--tls-replication yes``) and three
-``redis-sentinel`` on TLS ports that reach the data nodes and each other over TLS
+Sentinels (``redis-server --sentinel``) on TLS ports that reach the data nodes and each other over TLS
 (``tls-replication yes``). In every mode plaintext is refused; the credentials check, lookups,
 ordered writes, the invalidation feed and a purge go over TLS, and ``kv-extproc serve`` becomes
 ready through it and logs it without the password (standalone: a wrong password is a start-up
