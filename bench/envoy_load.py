@@ -15,7 +15,10 @@ the measurement is the proxy path, not a Python HTTP server. Variants:
 - ``memory``: the hit workload with the in-process index instead of Redis;
 - ``noload``: the hit workload without the engines' /metrics scraper (load.enabled false);
 - ``mirror``: the turn workload with the whole index mirrored in the replica
-  (``prefixStoreConfig.mirror``): the new text's blocks are answered without asking Redis.
+  (``prefixStoreConfig.mirror``): the new text's blocks are answered without asking Redis;
+- ``pass``: kv-extproc (the hit's process) on a path it does not route, so it answers the
+  headers and the body at once: what its server costs beyond the floor before any decision
+  (Envoy's answer to that path need not be a 200: the ext_proc's CPU per request is the figure).
 Each at 1 and 8 connections; ratios are to Envoy alone, the no-op and the floor, and for the
 variants whose bodies wrk makes unique per request (``turn``, ``mirror``, ``miss``) also to the floor driven
 by that same wrk script (``*_floor_same_client``: the Lua that makes each body runs on the same
@@ -215,7 +218,7 @@ request = function()
   counter = counter + 1
   local body = template
   if unique then body = string.gsub(template, "@@N@@", run .. "-" .. tostring(counter)) end
-  return wrk.format(nil, "/v1/chat/completions", nil, body)
+  return wrk.format(nil, "%s", nil, body)
 end
 """
 
@@ -226,12 +229,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, pid: int | None = None) -> dict:
+def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, pid: int | None = None,
+        path: str = "/v1/chat/completions") -> dict:
     """wrk's figures; with ``pid``, also the CPU that process spent per request (``cpu_us``):
     what decides throughput once the cores are busy, and far steadier than latency here."""
     script = workdir / f"load-{connections}-{int(unique)}.lua"
     # Every run gets its own prefix for "unique" bodies: a repeat of an earlier run would hit the cache.
-    script.write_text(LUA % (body, "true" if unique else "false", f"{time.time_ns():x}"))
+    script.write_text(LUA % (body, "true" if unique else "false", f"{time.time_ns():x}", path))
     cpu = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=DURATION + 30).stdout
@@ -250,7 +254,9 @@ def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, p
     return stats
 
 
-ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload", "mirror")
+ALL_VARIANTS = ("envoy", "noop", "floor", "hit", "turn", "miss", "nocache", "memory", "noload", "mirror", "pass")
+PASS_PATH = "/v1/not-routed"
+"""The ``pass`` variant's path: kv-extproc answers its headers and body at once, as the floor does."""
 REFERENCES = ("envoy", "noop", "floor")
 
 
@@ -325,10 +331,10 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
         if "floor" in variants:
             urls["floor"] = proxy(lambda c: c, f"127.0.0.1:{floor_port}")
         kv = None
-        if {"hit", "miss", "turn"} & set(variants):
+        if {"hit", "miss", "turn", "pass"} & set(variants):
             kv = extproc()
-            urls["hit"] = urls["miss"] = urls["turn"] = proxy(lambda c: c, kv)
-            cpu_of["hit"] = cpu_of["miss"] = cpu_of["turn"] = pids[kv]
+            urls["hit"] = urls["miss"] = urls["turn"] = urls["pass"] = proxy(lambda c: c, kv)
+            cpu_of["hit"] = cpu_of["miss"] = cpu_of["turn"] = cpu_of["pass"] = pids[kv]
         extras = {"nocache": {"enablePodMappingCache": False}, "memory": {"index": {"backend": "memory"}},
                   "noload": {"load": {"enabled": False}},  # noload: what scraping the engines' /metrics costs
                   "mirror": {"prefixStoreConfig": {"mirror": True}}}  # the turn workload, index mirrored in-process
@@ -342,9 +348,10 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                 row_base = {}
                 for variant in variants:
                     body, unique = variant_body(variant, system)
-                    wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir)  # warm-up run
+                    path = PASS_PATH if variant == "pass" else "/v1/chat/completions"
+                    wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir, path=path)  # warm-up
                     stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir,
-                                pid=cpu_of.get(variant))
+                                pid=cpu_of.get(variant), path=path)
                     row_base[variant] = stats
                     row = {"prompt_tokens": size, "connections": connections, "variant": variant, **stats}
                     for ref in REFERENCES:

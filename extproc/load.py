@@ -150,4 +150,4 @@ def record(pod: Pod, load: EngineLoad, ours: int | None = None) -> None:
     open now)."""
     pod.engine = load
     pod.in_flight_at_scrape = pod.in_flight if ours is None else ours
-    pod.routed_at_scrape = pod.routed
+    pod.in_flight_at_record = pod.in_flight

@@ -86,9 +86,11 @@ class OpenLedger:
         """Sum of (tokens + request_tokens) x (1 - age / lifetime) over the counted requests;
         without a lifetime yet, nothing shrinks. Requests a lifetime old leave the sums.
         The newest ``waiting`` requests (the engine's queue is first come, first served) have
-        not started: they count whole (at most WAITING_SCAN of them are read)."""
+        not started: they count whole however old, and stay (at most WAITING_SCAN of them)."""
+        newest = self._newest(min(waiting, WAITING_SCAN)) if waiting > 0 else []
         queue, life = self._queue, self.lifetime
-        while queue and (not queue[0].counted or (life is not None and now - queue[0].at >= life)):
+        while queue and (not queue[0].counted
+                         or (life is not None and now - queue[0].at >= life and self._count > len(newest))):
             entry = queue.popleft()
             if entry.counted:
                 entry.counted = False
@@ -98,24 +100,23 @@ class OpenLedger:
         work = self._tokens + request_tokens * self._count
         if life is None:
             return float(work)
-        if life <= 0:  # ours end at once here: nothing is owed
-            return 0.0
+        if life <= 0:  # ours end at once here: only those still queued are owed
+            return float(sum(entry.tokens + request_tokens for entry in newest))
         done_ns = round(now * 1e9) * work - (self._tokens_at + request_tokens * self._at)
-        owed = max(0.0, work - done_ns / (life * 1e9))
-        if waiting > 0:
-            owed += self._unshrunk(now, request_tokens, waiting, life)
-        return owed
+        owed = work - done_ns / (life * 1e9)
+        for entry in newest:  # the shrinking each got, back: (1 - age / life) + age / life = whole
+            owed += (entry.tokens + request_tokens) * (round(now * 1e9) - entry.ns) / (life * 1e9)
+        return max(0.0, owed)
 
-    def _unshrunk(self, now: float, request_tokens: int, waiting: int, life: float) -> float:
-        """What the shrinking took from the newest ``waiting`` counted requests."""
-        back = 0.0
+    def _newest(self, count: int) -> list[OpenRequest]:
+        """Up to ``count`` of the newest counted requests (reading at most 2 x WAITING_SCAN)."""
+        found: list[OpenRequest] = []
         for read, entry in enumerate(reversed(self._queue)):
-            if waiting <= 0 or read >= WAITING_SCAN:
+            if len(found) >= count or read >= 2 * WAITING_SCAN:
                 break
             if entry.counted:
-                waiting -= 1
-                back += (entry.tokens + request_tokens) * min(1.0, max(0.0, now - entry.at) / life)
-        return back
+                found.append(entry)
+        return found
 
     def held(self) -> int:
         """Records held (counted, or ended and waiting to leave from the front)."""
@@ -144,8 +145,8 @@ class Pod:
     """Requests this replica has sent here, ever (to tell which of ours a scrape may count)."""
     in_flight_at_scrape: int = 0
     """This replica's own requests open here when the engine was read (its reading counts them)."""
-    routed_at_scrape: int = 0
-    """``routed`` when the engine was read: ours sent since are the newest in its queue."""
+    in_flight_at_record: int = 0
+    """This replica's own requests open here when that reading was recorded (waiting_ours)."""
     last_pick: int = 0
     """When this replica last chose it (monotonic ns): of equally loaded pods, the one
     chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""
@@ -184,17 +185,18 @@ class Pod:
 
     def waiting_ours(self) -> int:
         """How many of our open requests the engine has not started, if its last reading showed
-        a queue (none otherwise: an engine batching requests starts a new one at once): our
-        share of that queue, less one for each of ours that ended since (its place went to the
-        next in line), plus every one we sent since (behind the queue)."""
+        a queue (none otherwise: an engine batching requests starts a new one at once). Then
+        it held our share of its queue (waiting x ours / all it held) and ran the rest of
+        ours; those it ran are first in line and first to end, and each end lets the next
+        start, so the ones waiting now are all ours open but those it ran then. With other
+        replicas' requests in the queue too, that is true on average."""
         engine = self.engine
         if engine is None or engine.waiting <= 0:
             return 0
         held = engine.waiting + engine.running
-        ours = min(self.in_flight_at_scrape, round(engine.waiting * min(1.0, self.in_flight_at_scrape / held)))
-        sent = self.routed - self.routed_at_scrape
-        ended = max(0, self.in_flight_at_scrape + sent - self.in_flight)
-        return max(0, ours - ended) + sent
+        share = engine.waiting * min(1.0, self.in_flight_at_scrape / held)
+        queued = min(self.in_flight_at_record, int(share + 0.5))
+        return max(0, self.in_flight - (self.in_flight_at_record - queued))
 
     def serves(self, model: str, known: frozenset[str] = frozenset()) -> bool:
         """Listed models, or (none listed) every configured model; any model when none is configured."""

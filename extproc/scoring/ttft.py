@@ -5,8 +5,8 @@ start(pod) = tokens the pod must compute for this prompt (those it does not hold
            + owed: the work of this replica's open requests there (Pod.owed): each one's
              uncached tokens + requestTokens (its decode), shrinking linearly with its age
              over the pod's typical request lifetime (what ours took there, an EWMA), except
-             those the engine still queues (our share of its last reading's waiting
-             requests: the newest), which have not started and count whole
+             those the engine still queues (from its last reading: Pod.waiting_ours, our
+             newest), which have not started and count whole
            + requests ahead of it x queuedRequestTokens
 cost(pod)  = start(pod) + L x tokens the pod must compute for this prompt
 in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus

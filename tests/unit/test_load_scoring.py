@@ -215,6 +215,41 @@ def test_requests_the_engine_still_queues_count_whole():
     assert pod.owed(10.0, 1500) == pytest.approx(work * (1 - 0.5 / life) + 2 * work)
 
 
+def test_each_end_lets_the_next_of_ours_in_the_queue_start():
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 1.0)
+    oldest, *_ = [pod.opened(500, at) for at in (9.1, 9.5, 9.9)]
+    record(pod, EngineLoad(2.0, 1.0, 0.0, 10.0))
+    pod.closed(oldest, 10.0)
+    assert pod.waiting_ours() == 1, "the one routed at 9.5 runs now; only 9.9 waits"
+
+
+def test_never_more_of_ours_wait_than_are_open():
+    """Sent after a reading and already ended: they wait nowhere, and the one still open, which
+    the engine was running, keeps shrinking."""
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 1.0)
+    pod.opened(500, 9.5)
+    record(pod, EngineLoad(1.0, 3.0, 0.0, 10.0))  # other replicas' request waits, ours runs
+    for at in (10.0, 10.01):
+        pod.closed(pod.opened(500, at), at + 0.02)
+    assert pod.waiting_ours() == 0
+    assert pod.owed(10.05, 0) == pytest.approx(pod.ledger.owed(10.05, 0, 0))
+
+
+def test_queued_requests_older_than_the_lifetime_still_count_whole():
+    """A long queue: ours have waited longer than ours used to take. Those the engine still
+    queues are owed whole; the one it runs, past the lifetime, counts nothing."""
+    pod = pool("a").get("a")
+    pod.closed(pod.opened(0, 0.0), 1.0)
+    for at in (7.0, 7.5, 8.0):
+        pod.opened(500, at)
+    record(pod, EngineLoad(2.0, 1.0, 0.0, 10.0))
+    assert pod.owed(10.0, 100) == pytest.approx(2 * (500 + 100))
+    record(pod, EngineLoad(0.0, 3.0, 0.0, 10.0))
+    assert pod.owed(10.0, 100) == 0.0, "no queue: all three are past the lifetime"
+
+
 def test_only_our_share_of_an_engines_queue_counts_whole():
     """Other replicas send to the same engine: of the 4 it holds in its queue (8 in all, 2 of
     them ours when it was read), our share is 1."""
