@@ -53,6 +53,7 @@ import grpc
 import yaml
 
 from extproc import responses
+from extproc.requests import CHAT_PATH
 from extproc.sim import launcher
 from extproc.server import SERVICE_NAME
 from extproc.tokenization import load_tokenizer
@@ -230,7 +231,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk(url: str, body: str, *, connections: int, unique: bool, workdir: Path, pid: int | None = None,
-        path: str = "/v1/chat/completions") -> dict:
+        path: str = CHAT_PATH) -> dict:
     """wrk's figures; with ``pid``, also the CPU that process spent per request (``cpu_us``):
     what decides throughput once the cores are busy, and far steadier than latency here."""
     script = workdir / f"load-{connections}-{int(unique)}.lua"
@@ -277,7 +278,7 @@ def variant_body(variant: str, system: str) -> tuple[str, bool]:
 def post_timed(url: str, body: bytes) -> float:
     import urllib.request
 
-    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={"content-type": "application/json"})
+    req = urllib.request.Request(f"{url}{CHAT_PATH}", data=body, headers={"content-type": "application/json"})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=60) as reply:
         reply.read()
@@ -348,7 +349,7 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                 row_base = {}
                 for variant in variants:
                     body, unique = variant_body(variant, system)
-                    path = PASS_PATH if variant == "pass" else "/v1/chat/completions"
+                    path = PASS_PATH if variant == "pass" else CHAT_PATH
                     wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir, path=path)  # warm-up
                     stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir,
                                 pid=cpu_of.get(variant), path=path)

@@ -53,6 +53,12 @@ async def _timed(router: Router, req: RoutingRequest) -> float:
     return elapsed
 
 
+async def _turns(router: Router, system: str, count: int) -> list[float]:
+    """Decision times of ``count`` new questions after ``system`` in a row (the first 5 are warm-up)."""
+    times = [await _timed(router, request(system, f"question {i} of a new conversation")) for i in range(count)]
+    return times[5:]
+
+
 async def run_async() -> dict:
     tokenizer_dir = launcher.bundled_tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -89,12 +95,7 @@ async def run_async() -> dict:
                         samples[case].append(seconds)
             # A stream of new turns on their own (each after the last one's store fill): what a
             # tenant's traffic costs, without a 4k-token miss between them evicting the CPU caches.
-            turns = []
-            for i in range(ROUNDS[size] * 2):
-                elapsed = await _timed(cached, request(system, f"question {i} of a new conversation"))
-                if i >= 5:
-                    turns.append(elapsed)
-            samples["turns"] = turns
+            samples["turns"] = await _turns(cached, system, ROUNDS[size] * 2)
             # The same with the whole index mirrored in-process (prefixStoreConfig.mirror): the
             # new text's block is answered here, not by Redis.
             mirrored = router(build_cache(PrefixStoreConfig(mirror=True), block_size=128, max_blocks=128,
@@ -102,12 +103,7 @@ async def run_async() -> dict:
             await index.subscribe(mirrored.indexer.on_invalidation)
             assert await mirrored.indexer.load_mirror()
             await _timed(mirrored, request(system, "repeat"))
-            turns = []
-            for i in range(ROUNDS[size] * 2):
-                elapsed = await _timed(mirrored, request(system, f"question {i} of a new conversation"))
-                if i >= 5:
-                    turns.append(elapsed)
-            samples["turns_mirror"] = turns
+            samples["turns_mirror"] = await _turns(mirrored, system, ROUNDS[size] * 2)
             stats = {case: summary(values) for case, values in samples.items()}
             tokens = len(tokenize_with(tokenizer, request(system, "repeat")))
             row = {"prompt_tokens": tokens, **{f"{case}_{k}": v for case, s in stats.items() for k, v in s.items()

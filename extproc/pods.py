@@ -25,7 +25,8 @@ LIFETIME_WEIGHT = 0.1
 """How much one finished request moves a pod's typical request lifetime (an EWMA)."""
 
 WAITING_SCAN = 256
-"""At most this many of the newest open requests are read to undo their shrinking (OpenLedger.owed)."""
+"""At most this many of the newest open requests count whole as queued (OpenLedger.owed), found
+among at most twice as many records."""
 
 
 @dataclass(eq=False, slots=True)
@@ -102,10 +103,10 @@ class OpenLedger:
             return float(work)
         if life <= 0:  # ours end at once here: only those still queued are owed
             return float(sum(entry.tokens + request_tokens for entry in newest))
-        done_ns = round(now * 1e9) * work - (self._tokens_at + request_tokens * self._at)
-        owed = work - done_ns / (life * 1e9)
+        now_ns, life_ns = round(now * 1e9), life * 1e9
+        owed = work - (now_ns * work - (self._tokens_at + request_tokens * self._at)) / life_ns
         for entry in newest:  # the shrinking each got, back: (1 - age / life) + age / life = whole
-            owed += (entry.tokens + request_tokens) * (round(now * 1e9) - entry.ns) / (life * 1e9)
+            owed += (entry.tokens + request_tokens) * (now_ns - entry.ns) / life_ns
         return max(0.0, owed)
 
     def _newest(self, count: int) -> list[OpenRequest]:
