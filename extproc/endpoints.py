@@ -77,24 +77,6 @@ def candidates_of(pod_id: str, data_parallel_size: int) -> list[tuple[str, int |
     return [(rank_id(pod_id, rank), rank) for rank in range(data_parallel_size)]
 
 
-def best_weights(holders: dict[str, float], weights: dict[str, float], not_before: float = 0.0) -> dict[str, float]:
-    """candidate -> the weight of the best medium it holds this block on (absent: none)."""
-    best: dict[str, float] = {}
-    gpu = weights.get(GPU, 1.0)
-    for endpoint_id, at in holders.items():
-        if at < not_before:
-            continue
-        if TIER_SEP not in endpoint_id:  # the GPU: most holders, no parsing
-            if gpu > best.get(endpoint_id, 0.0):
-                best[endpoint_id] = gpu
-            continue
-        candidate, _, medium = endpoint_id.partition(TIER_SEP)
-        weight = weights.get(medium, 0.0)
-        if weight > best.get(candidate, 0.0):
-            best[candidate] = weight
-    return best
-
-
 def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float = 0.0
                   ) -> tuple[dict[str, int], dict[str, float]]:
     """Per candidate: the run of consecutive blocks from the first it holds on any weighted
@@ -122,3 +104,74 @@ def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float
         if run:
             matched[candidate], weighted[candidate] = run, total
     return matched, weighted
+
+
+class PrefixRuns:
+    """Each candidate's run of blocks from the first, walked once, candidate by candidate, over
+    owners some of which may not be known yet (None: the index must be asked). The same runs
+    and weighted sums as ``tiered_prefix`` (``weights`` None: ``matched_prefix``, GPU presence
+    only, no weighted sums), without a pass per block over every candidate: a GPU hit, the
+    common case, is one dict lookup (a 125-block prompt held by three pods: 183 -> ~40 us).
+
+    ``walk`` goes as far as the known blocks let it; while it returns True, the candidates still
+    running all wait at ``depth``, the first unknown block their runs reach."""
+
+    __slots__ = ("matched", "weighted", "depth", "_pending", "_total", "_gpu", "_look", "_not_before")
+
+    def __init__(self, candidates, weights: dict[str, float] | None, not_before: float = 0.0):
+        self.matched: dict[str, int] = {}
+        self.weighted: dict[str, float] | None = None if weights is None else {}
+        self.depth = 0
+        self._pending = list(candidates)
+        self._total = dict.fromkeys(self._pending, 0.0)
+        media = sorted(((w, m) for m, w in {GPU: 1.0, **(weights or {})}.items() if w > 0), key=lambda wm: -wm[0])
+        # The GPU first, on its own (the candidate's id itself), when no other medium is worth more.
+        self._gpu = media[0][0] if media[0][1] == GPU else 0.0
+        rest = media[1:] if self._gpu else media
+        self._look = {c: [(endpoint(c, m), w) for w, m in rest] for c in self._pending}
+        self._not_before = not_before
+
+    def walk(self, hits) -> bool:
+        n, start, not_before, gpu = len(hits), self.depth, self._not_before, self._gpu
+        waiting: list[str] = []
+        stop = n
+        for c in self._pending:
+            d, total, look = start, self._total[c], self._look[c]
+            while d < n:
+                holders = hits[d]
+                if holders is None:
+                    break
+                if gpu:
+                    at = holders.get(c)
+                    if at is not None and at >= not_before:
+                        total += gpu
+                        d += 1
+                        continue
+                for key, weight in look:  # held on another medium, best first
+                    at = holders.get(key)
+                    if at is not None and at >= not_before:
+                        total += weight
+                        break
+                else:
+                    break
+                d += 1
+            self._total[c] = total
+            if d < n and hits[d] is None:
+                waiting.append(c)
+                stop = d
+            else:
+                self._end(c, d)
+        self._pending, self.depth = waiting, stop
+        return bool(waiting)
+
+    def stop(self) -> None:
+        """The blocks past ``depth`` stay unknown: the runs still going end there."""
+        for c in self._pending:
+            self._end(c, self.depth)
+        self._pending = []
+
+    def _end(self, candidate: str, run: int) -> None:
+        if run:
+            self.matched[candidate] = run
+            if self.weighted is not None:
+                self.weighted[candidate] = self._total[candidate]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
-from .endpoints import best_weights, tiered_prefix
+from .endpoints import PrefixRuns, tiered_prefix
 from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.speculation import Speculation
@@ -170,13 +170,13 @@ class Indexer:
                               result.cached_tokens, len(keys))
         t2 = time.perf_counter()
         try:
-            hits, degraded = await self._owners(request.model, keys, pod_ids)
+            hits, degraded, runs = await self._owners(request.model, keys, pod_ids)
         finally:
             if fill is not None:
                 self._schedule_fill(fill, fill_here)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
-        matched, weighted = self._runs(hits, pod_ids)
+        matched, weighted = (runs.matched, runs.weighted) if runs is not None else self._runs(hits, pod_ids)
         timings["score"] = time.perf_counter() - t3
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
@@ -220,10 +220,10 @@ class Indexer:
             self.cache.record(outcome)
         self._check_length(total)
         t2 = time.perf_counter()
-        hits, degraded = await self._owners(request.model, keys, pod_ids)
+        hits, degraded, runs = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
         timings["lookup"] = t3 - t2
-        matched, weighted = self._runs(hits, pod_ids)
+        matched, weighted = (runs.matched, runs.weighted) if runs is not None else self._runs(hits, pod_ids)
         timings["score"] = time.perf_counter() - t3
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
@@ -272,32 +272,28 @@ class Indexer:
         store.put_prompt(key, result)
         return result, "partial" if plan.run.tokens else "miss", result.estimated
 
-    async def _owners(self, model: str, keys: list[int], pod_ids: Sequence[str]) -> tuple[list[PodTimes], bool]:
+    async def _owners(self, model: str, keys: list[int], pod_ids: Sequence[str]
+                      ) -> tuple[list[PodTimes], bool, PrefixRuns | None]:
         """Who holds each block, from the block-owner cache; the index only for what it cannot
-        answer, and only while a candidate pod can still extend its run. (owners, degraded):
-        when the index fails but the cache knows a run for some candidate, that run decides."""
+        answer, and only while a candidate pod can still extend its run. (owners, degraded,
+        runs): when the index fails but the cache knows a run for some candidate, that run
+        decides. ``runs`` are the candidates' runs, walked on the way (None: use ``_runs``)."""
         if not keys:
-            return [], False
+            return [], False, None
         owners = self.cache.owners if self.cache is not None else None
         speculation = self.speculation
         if owners is None or not owners.enabled or getattr(self.index, "local", False):
             hits = await self.index.lookup(model, keys)
             if speculation is not None:
                 speculation.overlay(model, keys, hits)
-            return hits, False
+            return hits, False, None
         known = owners.get(model, keys)
         if speculation is not None:
             speculation.overlay(model, keys, known)
-        not_before = self._not_before()
-        active, depth, asked = list(pod_ids), 0, False
-        while True:
-            while depth < len(keys) and known[depth] is not None:
-                active = self._extending(known[depth], active, not_before)  # type: ignore[arg-type]
-                if not active:
-                    return known[: depth + 1], False  # type: ignore[return-value]  # no run goes further
-                depth += 1
-            if depth == len(keys):
-                return known, False  # type: ignore[return-value]
+        runs = PrefixRuns(pod_ids, self.medium_weights, self._not_before())
+        asked = False
+        while runs.walk(known):
+            depth = runs.depth
             unknown = [i for i in range(depth, len(keys)) if known[i] is None]
             ask = unknown if asked else unknown[:FIRST_ASK]
             asked = True
@@ -306,7 +302,8 @@ class Indexer:
                 answers = await self.index.lookup(model, [keys[i] for i in ask])
             except IndexUnavailable:
                 if depth:
-                    return known[:depth], True  # type: ignore[return-value]
+                    runs.stop()
+                    return known, True, runs  # type: ignore[return-value]
                 raise
             refused = owners.learn(model, [keys[i] for i in ask], answers, since_epoch=epoch)
             log.debug("CACHED blocks=%d asked=%d refused=%d", len(keys), len(ask), len(refused))
@@ -314,13 +311,7 @@ class Indexer:
                 known[i] = answer
             if speculation is not None:
                 speculation.overlay(model, keys, known, ask[0])
-
-    def _extending(self, holders: PodTimes, active: list[str], not_before: float) -> list[str]:
-        """The candidates whose run goes on through this block."""
-        if self.medium_weights is None:
-            return [p for p in active if p in holders and holders[p] >= not_before]
-        best = best_weights(holders, self.medium_weights, not_before)  # held on some weighted tier
-        return [p for p in active if best.get(p)]
+        return known, False, runs  # type: ignore[return-value]
 
     def _schedule_fill(self, fill: Callable[[], None], here: bool) -> None:
         """Fill the prefix store for later requests once the index has answered (or failed: the

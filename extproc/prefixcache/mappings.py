@@ -31,10 +31,11 @@ from ..index import FEED_LOST, Invalidation, PodTimes
 log = logging.getLogger("extproc.prefixcache")
 
 BlockRef = tuple[str, int]
-_Owners = tuple  # ((pod, stored_at), ...): untracked by the garbage collector, unlike a dict
+_Owners = dict  # pod -> stored_at, never changed once stored: lookups hand it out as is (a new
+# one replaces it on a change), saving a copy per block; str -> float dicts are untracked by the GC
 
-_ENTRY_BYTES = 220
-"""Estimated bytes per entry (ordered-dict slot, key tuple, owner tuples); for the memory gauge."""
+_ENTRY_BYTES = 300
+"""Estimated bytes per entry (ordered-dict slot, key tuple, owners dict); for the memory gauge."""
 
 NEVER = float("inf")
 
@@ -67,7 +68,8 @@ class BlockOwners:
         return self._epoch
 
     def get(self, model: str, keys: Sequence[int]) -> list[PodTimes | None]:
-        """For each key, its owners, or None when this cache cannot answer for it."""
+        """For each key, its owners (shared: read them, never change them), or None when this
+        cache cannot answer for it."""
         if not self.enabled:
             return [None] * len(keys)
         now = time.monotonic()
@@ -85,7 +87,7 @@ class BlockOwners:
                     found.append(None)
                 else:
                     entries.move_to_end(ref)
-                    found.append(dict(entry[1]))
+                    found.append(entry[1])
         return found
 
     def learn(self, model: str, keys: Sequence[int], answers: Sequence[PodTimes], *, since_epoch: int,
@@ -104,7 +106,7 @@ class BlockOwners:
                 if self._changed_at.get(ref, -1) > since_epoch:
                     refused.append(key)
                     continue
-                self._entries[ref] = (expires, tuple(owners.items()))
+                self._entries[ref] = (expires, dict(owners))
                 self._entries.move_to_end(ref)
             self._evict()
         return refused
@@ -132,15 +134,14 @@ class BlockOwners:
                 self._mark(ref, epoch)
                 entry = self._entries.get(ref)
                 if entry is not None:
-                    self._entries[ref] = (entry[0], tuple(p for p in entry[1] if p[0] != message.pod))
+                    self._entries[ref] = (entry[0], {p: at for p, at in entry[1].items() if p != message.pod})
             for ref, at in zip(message.stored, stored_at):
                 self._mark(ref, epoch)
                 entry = self._entries.get(ref)
                 if entry is not None:
-                    owners = tuple(p for p in entry[1] if p[0] != message.pod) + ((message.pod, at),)
-                    self._entries[ref] = (entry[0], owners)
+                    self._entries[ref] = (entry[0], {**entry[1], message.pod: at})
                 elif self.complete:
-                    self._entries[ref] = (NEVER, ((message.pod, at),))
+                    self._entries[ref] = (NEVER, {message.pod: at})
             while len(self._changed_at) > remembered:
                 _, old = self._changed_at.popitem(last=False)
                 self._forgotten = max(self._forgotten, old)

@@ -29,6 +29,8 @@ class Speculation:
         """block -> ((pod, clock time it was routed there), ...)"""
         self._cleared: dict[str, float] = {}
         """pod -> when its engine last dropped everything: guesses made before are void."""
+        self._newest = float("-inf")
+        """Clock time of the newest guess: once it is ``ttl`` old, every guess is, and lookups skip them all."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -39,6 +41,7 @@ class Speculation:
         now = self.clock()
         oldest = now - self.ttl
         with self._lock:
+            self._newest = now
             for key in keys:
                 ref = (model, key)
                 old = self._entries.pop(ref, ())
@@ -66,9 +69,10 @@ class Speculation:
     def overlay(self, model: str, keys: Sequence[int], hits: list[PodTimes | None], start: int = 0) -> None:
         """Add the pods expected to hold each block to ``hits`` (in place, from ``start``). An
         unknown entry (None) stays unknown: the index must still say who else holds it."""
-        if not self._entries:
+        oldest = self.clock() - self.ttl
+        if not self._entries or self._newest <= oldest:
             return
-        oldest, wall = self.clock() - self.ttl, time.time()
+        wall = time.time()
         entries, cleared = self._entries, self._cleared
         for i in range(start, len(keys)):
             guessed = entries.get((model, keys[i]))

@@ -177,6 +177,56 @@ def test_a_tier_only_adds_and_counts_less_than_the_gpu(hits):
         assert 0.25 * n - 1e-9 <= weighted[pod] <= n + 1e-9
 
 
+weights = st.one_of(st.none(), st.fixed_dictionaries({"GPU": st.sampled_from([0.5, 1.0])},
+                                                      optional={"CPU": st.sampled_from([0.0, 0.8, 1.0]),
+                                                                "STORAGE": st.sampled_from([0.25, 0.7])}))
+
+
+@given(st.lists(st.one_of(st.none(), holders), max_size=12), weights, st.floats(0, 10))
+def test_runs_walked_candidate_by_candidate_are_the_runs_of_the_whole_list(hits, weights, not_before):
+    """PrefixRuns (the decision's single walk) answers what tiered_prefix / matched_prefix do,
+    whichever blocks are still unknown when it starts: each unknown block the runs reach is
+    learned (here: as held by nobody but the pods the list would say) and the walk goes on."""
+    truth = [{} if h is None else h for h in hits]
+    answers = [h or {} for h in hits]
+    runs = endpoints.PrefixRuns(["a", "b", "c"], weights, not_before)
+    known: list = [None if h is None else h for h in hits]
+    steps = 0
+    while runs.walk(known):
+        assert known[runs.depth] is None
+        known[runs.depth] = answers[runs.depth]  # the index's answer for the block the runs wait on
+        steps += 1
+    assert steps <= len(hits)
+    if not truth:
+        return
+    if weights is None:
+        assert runs.matched == matched_prefix(truth, ["a", "b", "c"], not_before) and runs.weighted is None
+    else:
+        matched, weighted = endpoints.tiered_prefix(truth, ["a", "b", "c"], weights, not_before)
+        assert runs.matched == matched
+        assert runs.weighted == pytest.approx(weighted)
+
+
+def test_when_the_index_fails_the_runs_still_going_end_at_the_first_unknown_block():
+    runs = endpoints.PrefixRuns(["a", "b", "c"], WEIGHTS)
+    known = [{"a": 1.0, "b|CPU": 1.0}, {"a": 1.0, "b|CPU": 1.0}, None, {"a": 1.0}]
+    assert runs.walk(known) and runs.depth == 2
+    runs.stop()
+    assert runs.matched == {"a": 2, "b": 2} and runs.weighted == pytest.approx({"a": 2.0, "b": 1.6})
+
+
+def test_a_block_held_on_several_media_counts_at_the_best_even_when_that_is_not_the_gpu():
+    hits = [{"a": 1.0, "a|CPU": 1.0}, {"a": 1.0}]
+    for weights in ({"GPU": 0.5, "CPU": 1.0}, WEIGHTS):
+        runs = endpoints.PrefixRuns(["a"], weights)
+        assert not runs.walk(hits)
+        assert runs.weighted == pytest.approx(endpoints.tiered_prefix(hits, ["a"], weights)[1])
+    assert runs.weighted == pytest.approx({"a": 2.0})
+    runs = endpoints.PrefixRuns(["a"], {"GPU": 0.5, "CPU": 1.0})
+    runs.walk(hits)
+    assert runs.weighted == pytest.approx({"a": 1.5})
+
+
 # -- the index, both backends ---------------------------------------------------------
 
 
