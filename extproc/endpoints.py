@@ -15,6 +15,8 @@ picks) is the part before ``|``: a pod, or one rank of a pod.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import re
 
 GPU = "GPU"
@@ -106,6 +108,20 @@ def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float
     return matched, weighted
 
 
+@lru_cache(maxsize=64)
+def _run_media(weights: tuple[tuple[str, float], ...] | None) -> tuple[float, tuple[tuple[float, str], ...]]:
+    """(the GPU's weight, when no other medium is worth more, else 0; the other media to look
+    at, best first): a run looks for the GPU first, on its own, as the candidate's id itself."""
+    media = sorted(((w, m) for m, w in {GPU: 1.0, **dict(weights or ())}.items() if w > 0), key=lambda wm: -wm[0])
+    gpu = media[0][0] if media[0][1] == GPU else 0.0
+    return gpu, tuple(media[1:] if gpu else media)
+
+
+@lru_cache(maxsize=4096)
+def _tier_keys(candidate: str, media: tuple[tuple[float, str], ...]) -> tuple[tuple[str, float], ...]:
+    return tuple((endpoint(candidate, medium), weight) for weight, medium in media)
+
+
 class PrefixRuns:
     """Each candidate's run of blocks from the first, walked once, candidate by candidate, over
     owners some of which may not be known yet (None: the index must be asked). The same runs
@@ -124,11 +140,8 @@ class PrefixRuns:
         self.depth = 0
         self._pending = list(candidates)
         self._total = dict.fromkeys(self._pending, 0.0)
-        media = sorted(((w, m) for m, w in {GPU: 1.0, **(weights or {})}.items() if w > 0), key=lambda wm: -wm[0])
-        # The GPU first, on its own (the candidate's id itself), when no other medium is worth more.
-        self._gpu = media[0][0] if media[0][1] == GPU else 0.0
-        rest = media[1:] if self._gpu else media
-        self._look = {c: [(endpoint(c, m), w) for w, m in rest] for c in self._pending}
+        self._gpu, rest = _run_media(None if weights is None else tuple(weights.items()))
+        self._look = {c: _tier_keys(c, rest) for c in self._pending}
         self._not_before = not_before
 
     def walk(self, hits) -> bool:
