@@ -15,6 +15,7 @@ picks) is the part before ``|``: a pod, or one rank of a pod.
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 import re
@@ -113,6 +114,8 @@ def _run_media(weights: tuple[tuple[str, float], ...] | None) -> tuple[float, tu
     """(the GPU's weight, when no other medium is worth more, else 0; the other media to look
     at, best first): a run looks for the GPU first, on its own, as the candidate's id itself."""
     media = sorted(((w, m) for m, w in {GPU: 1.0, **dict(weights or ())}.items() if w > 0), key=lambda wm: -wm[0])
+    if not media:  # nothing weighs anything: no block counts, as in tiered_prefix
+        return 0.0, ()
     gpu = media[0][0] if media[0][1] == GPU else 0.0
     return gpu, tuple(media[1:] if gpu else media)
 
@@ -132,19 +135,22 @@ class PrefixRuns:
     ``walk`` goes as far as the known blocks let it; while it returns True, the candidates still
     running all wait at ``depth``, the first unknown block their runs reach."""
 
-    __slots__ = ("matched", "weighted", "depth", "_pending", "_total", "_gpu", "_look", "_not_before")
+    __slots__ = ("matched", "weighted", "depth", "seconds", "_pending", "_total", "_gpu", "_look", "_not_before")
 
     def __init__(self, candidates, weights: dict[str, float] | None, not_before: float = 0.0):
         self.matched: dict[str, int] = {}
         self.weighted: dict[str, float] | None = None if weights is None else {}
         self.depth = 0
-        self._pending = list(candidates)
+        self.seconds = 0.0
+        """Time spent walking (the decision's score stage)."""
+        self._pending = list(dict.fromkeys(candidates))  # a candidate listed twice is one run
         self._total = dict.fromkeys(self._pending, 0.0)
         self._gpu, rest = _run_media(None if weights is None else tuple(weights.items()))
         self._look = {c: _tier_keys(c, rest) for c in self._pending}
         self._not_before = not_before
 
     def walk(self, hits) -> bool:
+        began = time.perf_counter()
         n, start, not_before, gpu = len(hits), self.depth, self._not_before, self._gpu
         waiting: list[str] = []
         stop = n
@@ -175,6 +181,7 @@ class PrefixRuns:
             else:
                 self._end(c, d)
         self._pending, self.depth = waiting, stop
+        self.seconds += time.perf_counter() - began
         return bool(waiting)
 
     def stop(self) -> None:

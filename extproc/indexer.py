@@ -175,9 +175,13 @@ class Indexer:
             if fill is not None:
                 self._schedule_fill(fill, fill_here)
         t3 = time.perf_counter()
-        timings["lookup"] = t3 - t2
-        matched, weighted = (runs.matched, runs.weighted) if runs is not None else self._runs(hits, pod_ids)
-        timings["score"] = time.perf_counter() - t3
+        if runs is not None:
+            matched, weighted = runs.matched, runs.weighted
+            timings["lookup"], timings["score"] = t3 - t2 - runs.seconds, runs.seconds
+        else:
+            timings["lookup"] = t3 - t2
+            matched, weighted = self._runs(hits, pod_ids)
+            timings["score"] = time.perf_counter() - t3
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
     def _runs(self, hits: Sequence[PodTimes], pod_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, float] | None]:
@@ -222,9 +226,13 @@ class Indexer:
         t2 = time.perf_counter()
         hits, degraded, runs = await self._owners(request.model, keys, pod_ids)
         t3 = time.perf_counter()
-        timings["lookup"] = t3 - t2
-        matched, weighted = (runs.matched, runs.weighted) if runs is not None else self._runs(hits, pod_ids)
-        timings["score"] = time.perf_counter() - t3
+        if runs is not None:
+            matched, weighted = runs.matched, runs.weighted
+            timings["lookup"], timings["score"] = t3 - t2 - runs.seconds, runs.seconds
+        else:
+            timings["lookup"] = t3 - t2
+            matched, weighted = self._runs(hits, pod_ids)
+            timings["score"] = time.perf_counter() - t3
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
@@ -292,7 +300,7 @@ class Indexer:
             speculation.overlay(model, keys, known)
         runs = PrefixRuns(pod_ids, self.medium_weights, self._not_before())
         asked = False
-        while runs.walk(known):
+        while runs.walk(known):  # times itself: the score stage, apart from the lookup's
             depth = runs.depth
             unknown = [i for i in range(depth, len(keys)) if known[i] is None]
             ask = unknown if asked else unknown[:FIRST_ASK]

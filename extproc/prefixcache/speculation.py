@@ -41,7 +41,7 @@ class Speculation:
         now = self.clock()
         oldest = now - self.ttl
         with self._lock:
-            self._newest = now
+            self._newest = max(self._newest, now)
             for key in keys:
                 ref = (model, key)
                 old = self._entries.pop(ref, ())

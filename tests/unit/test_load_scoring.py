@@ -452,6 +452,22 @@ def test_speculation_gives_way_to_the_engines_own_events():
     assert set(hits[2]) == {"pod-a"}
 
 
+def test_a_guess_lives_exactly_its_ttl_however_the_routes_were_ordered():
+    now = [100.0]
+    spec = Speculation(ttl=2.0, clock=lambda: now[0])
+    spec.routed("m", [1], "pod-a")
+    now[0] = 99.0  # a later routed() that read the clock first: the newest guess stays the newest
+    spec.routed("m", [2], "pod-b")
+    now[0] = 101.9
+    hits = [{}, {}]
+    spec.overlay("m", [1, 2], hits)
+    assert hits[0].keys() == {"pod-a"} and hits[1] == {}, "the guess at 100 lives until 102; the one at 99 is over"
+    now[0] = 102.0
+    hits = [{}, {}]
+    spec.overlay("m", [1, 2], hits)
+    assert hits == [{}, {}], "a guess exactly ttl old is over"
+
+
 async def test_a_burst_with_a_new_prefix_stays_together_until_load_spreads_it(tokenizer_dir, tokenizer):
     """Before any KV event arrives, requests sharing a new prefix follow the first one; once the
     pod they pile on is busy (its engine says so), the rest go where they start sooner."""

@@ -182,21 +182,20 @@ weights = st.one_of(st.none(), st.fixed_dictionaries({"GPU": st.sampled_from([0.
                                                                 "STORAGE": st.sampled_from([0.25, 0.7])}))
 
 
-@given(st.lists(st.one_of(st.none(), holders), max_size=12), weights, st.floats(0, 10))
-def test_runs_walked_candidate_by_candidate_are_the_runs_of_the_whole_list(hits, weights, not_before):
-    """PrefixRuns (the decision's single walk) answers what tiered_prefix / matched_prefix do,
-    whichever blocks are still unknown when it starts: each unknown block the runs reach is
-    learned (here: as held by nobody but the pods the list would say) and the walk goes on."""
-    truth = [{} if h is None else h for h in hits]
-    answers = [h or {} for h in hits]
-    runs = endpoints.PrefixRuns(["a", "b", "c"], weights, not_before)
-    known: list = [None if h is None else h for h in hits]
-    steps = 0
+@given(st.lists(st.tuples(holders, st.booleans()), max_size=12), weights, st.floats(0, 10))
+def test_runs_walked_candidate_by_candidate_are_the_runs_of_the_whole_list(blocks, weights, not_before):
+    """PrefixRuns (the decision's single walk) answers what tiered_prefix / matched_prefix do over
+    the true owners, whichever blocks are still unknown when it starts: each unknown block the
+    runs reach is learned from the index (its true owners) and the walk goes on from there."""
+    truth = [owners for owners, _ in blocks]
+    known: list = [None if unknown else owners for owners, unknown in blocks]
+    runs = endpoints.PrefixRuns(["a", "b", "c", "a"], weights, not_before)  # "a" twice is one candidate
+    asked = 0
     while runs.walk(known):
         assert known[runs.depth] is None
-        known[runs.depth] = answers[runs.depth]  # the index's answer for the block the runs wait on
-        steps += 1
-    assert steps <= len(hits)
+        known[runs.depth] = truth[runs.depth]  # the index's answer for the block the runs wait on
+        asked += 1
+    assert asked <= sum(unknown for _, unknown in blocks)
     if not truth:
         return
     if weights is None:
@@ -225,6 +224,9 @@ def test_a_block_held_on_several_media_counts_at_the_best_even_when_that_is_not_
     runs = endpoints.PrefixRuns(["a"], {"GPU": 0.5, "CPU": 1.0})
     runs.walk(hits)
     assert runs.weighted == pytest.approx({"a": 1.5})
+    nothing = endpoints.PrefixRuns(["a"], {"GPU": 1.0, "CPU": 1.0})
+    nothing.walk([{"a|DISK": 1.0}])
+    assert nothing.matched == {} == endpoints.tiered_prefix([{"a|DISK": 1.0}], ["a"], WEIGHTS)[0]
 
 
 # -- the index, both backends ---------------------------------------------------------
