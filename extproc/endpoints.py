@@ -130,7 +130,7 @@ class PrefixRuns:
     owners some of which may not be known yet (None: the index must be asked). The same runs
     and weighted sums as ``tiered_prefix`` (``weights`` None: ``matched_prefix``, GPU presence
     only, no weighted sums), without a pass per block over every candidate: a GPU hit, the
-    common case, is one dict lookup (a 125-block prompt held by three pods: 183 -> ~40 us).
+    common case, is one dict lookup (a 125-block prompt held by three pods, in a loop: 183 -> 33 us).
 
     ``walk`` goes as far as the known blocks let it; while it returns True, the candidates still
     running all wait at ``depth``, the first unknown block their runs reach."""
