@@ -15,10 +15,9 @@ picks) is the part before ``|``: a pod, or one rank of a pod.
 
 from __future__ import annotations
 
+import re
 import time
 from functools import lru_cache
-
-import re
 
 GPU = "GPU"
 """vLLM's medium for the engine's own KV cache (``None`` in events from older releases)."""
@@ -83,30 +82,15 @@ def candidates_of(pod_id: str, data_parallel_size: int) -> list[tuple[str, int |
 def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float = 0.0
                   ) -> tuple[dict[str, int], dict[str, float]]:
     """Per candidate: the run of consecutive blocks from the first it holds on any weighted
-    medium (the run continues across tiers), and that run's weighted sum (a GPU block counts
-    ``weights["GPU"]``, a CPU block ``weights["CPU"]``, ...). Candidates with no run are absent.
-    """
+    medium (the run continues across tiers; a block held on several counts once, at its best),
+    and that run's weighted sum (a GPU block counts ``weights["GPU"]``, a CPU block
+    ``weights["CPU"]``, ...). Candidates with no run are absent. Every owner is known here
+    (an index answer): PrefixRuns walks the whole list at once."""
     if not hits:  # as matched_prefix answers an empty prompt
         return dict.fromkeys(candidates, 0), dict.fromkeys(candidates, 0.0)
-    media = sorted(((w, m) for m, w in {GPU: 1.0, **weights}.items() if w > 0), key=lambda wm: -wm[0])
-    matched: dict[str, int] = {}
-    weighted: dict[str, float] = {}
-    for candidate in candidates:
-        # Where to look, best medium first: a block held on several counts once, at its best.
-        keys = [(endpoint(candidate, medium), weight) for weight, medium in media]
-        total, run = 0.0, 0
-        for holders in hits:
-            for key, weight in keys:
-                at = holders.get(key)
-                if at is not None and at >= not_before:
-                    total += weight
-                    break
-            else:
-                break
-            run += 1
-        if run:
-            matched[candidate], weighted[candidate] = run, total
-    return matched, weighted
+    runs = PrefixRuns(candidates, weights, not_before)
+    runs.walk(hits)
+    return runs.matched, runs.weighted  # type: ignore[return-value]  # weights given: a dict
 
 
 @lru_cache(maxsize=64)
@@ -114,7 +98,7 @@ def _run_media(weights: tuple[tuple[str, float], ...] | None) -> tuple[float, tu
     """(the GPU's weight, when no other medium is worth more, else 0; the other media to look
     at, best first): a run looks for the GPU first, on its own, as the candidate's id itself."""
     media = sorted(((w, m) for m, w in {GPU: 1.0, **dict(weights or ())}.items() if w > 0), key=lambda wm: -wm[0])
-    if not media:  # nothing weighs anything: no block counts, as in tiered_prefix
+    if not media:  # nothing weighs anything: no block counts
         return 0.0, ()
     gpu = media[0][0] if media[0][1] == GPU else 0.0
     return gpu, tuple(media[1:] if gpu else media)
@@ -127,10 +111,11 @@ def _tier_keys(candidate: str, media: tuple[tuple[float, str], ...]) -> tuple[tu
 
 class PrefixRuns:
     """Each candidate's run of blocks from the first, walked once, candidate by candidate, over
-    owners some of which may not be known yet (None: the index must be asked). The same runs
-    and weighted sums as ``tiered_prefix`` (``weights`` None: ``matched_prefix``, GPU presence
-    only, no weighted sums), without a pass per block over every candidate: a GPU hit, the
-    common case, is one dict lookup (a 125-block prompt held by three pods, in a loop: 183 -> 33 us).
+    owners some of which may not be known yet (None: the index must be asked). The runs and
+    weighted sums of ``tiered_prefix`` (``weights`` None: those of ``indexer.matched_prefix``,
+    GPU presence only, no weighted sums), without a pass per block over every candidate: a GPU
+    hit, the common case, is one dict lookup (a 125-block prompt held by three pods, in a loop:
+    183 -> 33 us against the two passes before).
 
     ``walk`` goes as far as the known blocks let it; while it returns True, the candidates still
     running all wait at ``depth``, the first unknown block their runs reach."""

@@ -174,15 +174,21 @@ class Indexer:
         finally:
             if fill is not None:
                 self._schedule_fill(fill, fill_here)
-        t3 = time.perf_counter()
-        if runs is not None:
-            matched, weighted = runs.matched, runs.weighted
-            timings["lookup"], timings["score"] = t3 - t2 - runs.seconds, runs.seconds
-        else:
-            timings["lookup"] = t3 - t2
-            matched, weighted = self._runs(hits, pod_ids)
-            timings["score"] = time.perf_counter() - t3
+        matched, weighted = self._matched(hits, runs, pod_ids, timings, t2)
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
+
+    def _matched(self, hits: Sequence[PodTimes], runs: PrefixRuns | None, pod_ids: Sequence[str],
+                 timings: dict[str, float], since: float) -> tuple[dict[str, int], dict[str, float] | None]:
+        """The runs ``_owners`` walked (or, where it walked none, ``_runs``), with the lookup and
+        score stages' times since ``since``: a walk's own time is the score stage's."""
+        now = time.perf_counter()
+        if runs is not None:
+            timings["lookup"], timings["score"] = now - since - runs.seconds, runs.seconds
+            return runs.matched, runs.weighted
+        timings["lookup"] = now - since
+        result = self._runs(hits, pod_ids)
+        timings["score"] = time.perf_counter() - now
+        return result
 
     def _runs(self, hits: Sequence[PodTimes], pod_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, float] | None]:
         """Each pod's run of blocks from the first, and (with tiers) that run weighted by medium."""
@@ -225,14 +231,7 @@ class Indexer:
         self._check_length(total)
         t2 = time.perf_counter()
         hits, degraded, runs = await self._owners(request.model, keys, pod_ids)
-        t3 = time.perf_counter()
-        if runs is not None:
-            matched, weighted = runs.matched, runs.weighted
-            timings["lookup"], timings["score"] = t3 - t2 - runs.seconds, runs.seconds
-        else:
-            timings["lookup"] = t3 - t2
-            matched, weighted = self._runs(hits, pod_ids)
-            timings["score"] = time.perf_counter() - t3
+        matched, weighted = self._matched(hits, runs, pod_ids, timings, t2)
         return PrefixMatch(matched, len(keys), timings, outcome, degraded, keys, total, weighted)
 
     async def _tokenized(self, request: RoutingRequest) -> tuple[Tokenized, str, int]:
