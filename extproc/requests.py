@@ -6,7 +6,6 @@ a 400 now, with a reason), and lenient about everything routing does not read.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,24 +80,24 @@ def parse(path: str, body: bytes, *, max_messages: int = 1 << 30) -> RoutingRequ
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required and must be a non-empty string", param="model")
     route = path.split("?", 1)[0]
-    request = _chat(model, data, max_messages) if route == CHAT_PATH else _completion(model, data)
-    if len(body) <= FINGERPRINT_MAX_BYTES:
-        request = dataclasses.replace(request, fingerprint=hash(("body", route, body)) or 1)
-    return request
+    fingerprint = (hash(("body", route, body)) or 1) if len(body) <= FINGERPRINT_MAX_BYTES else 0
+    if route == CHAT_PATH:
+        return _chat(model, data, max_messages, fingerprint)
+    return _completion(model, data, fingerprint)
 
 
-def _completion(model: str, data: dict[str, Any]) -> RoutingRequest:
+def _completion(model: str, data: dict[str, Any], fingerprint: int = 0) -> RoutingRequest:
     prompt = data.get("prompt")
     if isinstance(prompt, str):
-        return RoutingRequest(model=model, kind="completion", prompt=prompt)
+        return RoutingRequest(model=model, kind="completion", prompt=prompt, fingerprint=fingerprint)
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
-            return RoutingRequest(model=model, kind="completion", prompt=first)
+            return RoutingRequest(model=model, kind="completion", prompt=first, fingerprint=fingerprint)
         if _is_token_list(prompt):
-            return RoutingRequest(model=model, kind="completion", token_ids=prompt)
+            return RoutingRequest(model=model, kind="completion", token_ids=prompt, fingerprint=fingerprint)
         if isinstance(first, list) and all(_is_token_list(p) and p for p in prompt):
-            return RoutingRequest(model=model, kind="completion", token_ids=first)
+            return RoutingRequest(model=model, kind="completion", token_ids=first, fingerprint=fingerprint)
     raise RequestError(
         "'prompt' is required: a string, a list of strings, a list of token ids or a list of token id lists",
         param="prompt",
@@ -113,7 +112,7 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in value)
 
 
-def _chat(model: str, data: dict[str, Any], max_messages: int) -> RoutingRequest:
+def _chat(model: str, data: dict[str, Any], max_messages: int, fingerprint: int = 0) -> RoutingRequest:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty list", param="messages")
@@ -142,6 +141,7 @@ def _chat(model: str, data: dict[str, Any], max_messages: int) -> RoutingRequest
         add_generation_prompt=bool(options["add_generation_prompt"]),
         continue_final_message=bool(options["continue_final_message"]),
         chat_template_kwargs=kwargs,
+        fingerprint=fingerprint,
     )
 
 

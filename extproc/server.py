@@ -136,18 +136,23 @@ class _Stream:
             if self.full_duplex:
                 return responses.body_chunks(chunk.body, end_of_stream=chunk.end_of_stream)
             return [responses.BODY_CONTINUE]
-        self.body += chunk.body
-        if len(self.body) > self.svc.max_body_bytes:
+        data = chunk.body
+        if len(self.body) + len(data) > self.svc.max_body_bytes:
             return [self._reject(RequestError(
                 f"request body exceeds {self.svc.max_body_bytes} bytes", status=413, code="request_too_large"
             ))]
+        if chunk.end_of_stream and not self.body and not self.full_duplex:
+            # BUFFERED: the whole body in one message, used as it is (full duplex keeps its copy
+            # in self.body: a failure must still hand the body back to Envoy).
+            return await self._finish(True, data)
+        self.body += data
         if chunk.end_of_stream:
             return await self._finish(True)
         return [] if self.full_duplex else [responses.BODY_CONTINUE]
 
-    async def _finish(self, end_of_stream: bool) -> list[bytes]:
+    async def _finish(self, end_of_stream: bool, whole: bytes | None = None) -> list[bytes]:
         self.done = True
-        body = bytes(self.body)
+        body = bytes(self.body) if whole is None else whole
         started = time.perf_counter()
         try:
             parsed = requests.parse(self.path, body, max_messages=self.svc.max_messages)

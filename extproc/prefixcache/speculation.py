@@ -75,16 +75,17 @@ class Speculation:
         wall = time.time()
         entries, cleared = self._entries, self._cleared
         for i in range(start, len(keys)):
-            guessed = entries.get((model, keys[i]))
-            if not guessed:
-                continue
-            live = [pod for pod, at in guessed if at > oldest and at > cleared.get(pod, oldest)]
-            if not live:
-                continue
             holders = hits[i]
             if holders is None:
                 continue
-            holders = dict(holders)
-            for pod in live:
-                holders.setdefault(pod, wall)
-            hits[i] = holders
+            guessed = entries.get((model, keys[i]))
+            if not guessed:
+                continue
+            added = None
+            for pod, at in guessed:
+                if pod not in holders and at > oldest and at > cleared.get(pod, oldest):
+                    if added is None:
+                        added = dict(holders)  # shared with the owner cache: never changed in place
+                    added[pod] = wall
+            if added is not None:
+                hits[i] = added

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 from ..pods import Pod
 from .base import Context, Scores
-from .load import ahead, fill_unknown
+from .load import ahead
 
 
 GUARDED_SHARE = 0.01
@@ -59,25 +59,30 @@ class TtftScorer:
         self.guard_below_queue = guard_below_queue
 
     def score(self, context: Context, pods: Sequence[Pod]) -> Scores:
-        known = {pod.id: ahead(pod) for pod in pods}
-        if all(v is None for v in known.values()):
-            queue = {pod.id: float(pod.in_flight) for pod in pods}  # no engine readings: our own view
+        # One pass per quantity over plain lists: this runs on every request (the arithmetic, and
+        # its order, is the formula's above; the fleet simulator's rows hold it to the digit).
+        ids = [pod.id for pod in pods]
+        aheads = [ahead(pod) for pod in pods]
+        known = [a for a in aheads if a is not None]
+        if not known:
+            queue = [float(pod.in_flight) for pod in pods]  # no engine readings: our own view
         else:
-            queue = {pod.id: max(float(pod.in_flight), q) for pod, q in zip(pods, fill_unknown(known).values())}
-        busy = sum(queue.values()) / len(queue)
-        uncached = {pod.id: context.uncached_tokens(pod.id) for pod in pods}
-        start = {pod.id: uncached[pod.id] + pod.owed(context.now, self.request_tokens)
-                 + queue[pod.id] * self.queued_request_tokens for pod in pods}
-        cost = {pod: start[pod] + busy * uncached[pod] for pod in start}
-        soonest = min(start.values())
+            mean = sum(known) / len(known)  # a pod without a reading: unknown is not idle
+            queue = [max(float(pod.in_flight), mean if a is None else a) for pod, a in zip(pods, aheads)]
+        busy = sum(queue) / len(queue)
+        uncached = [context.uncached_tokens(pod_id) for pod_id in ids]
+        now, request_tokens, per_request = context.now, self.request_tokens, self.queued_request_tokens
+        start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
+        cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}
+        soonest = min(start)
         guarded = self.max_start_ratio and busy < self.guard_below_queue
         latest = max(soonest, self.max_start_ratio * soonest + self.start_slack_tokens) if guarded else float("inf")
         block = max(1, context.block_tokens)
-        values = _relative({pod: c for pod, c in cost.items() if start[pod] <= latest}, block)
-        out = {pod: c for pod, c in cost.items() if pod not in values}
-        if out:
+        values = _relative({pod_id: cost[pod_id] for pod_id, s in zip(ids, start) if s <= latest}, block)
+        if len(values) < len(cost):
+            out = {pod_id: c for pod_id, c in cost.items() if pod_id not in values}
             share = GUARDED_SHARE * min(values.values())
-            values.update({pod: share * v for pod, v in _relative(out, block).items()})
+            values.update({pod_id: share * v for pod_id, v in _relative(out, block).items()})
         return Scores(values, cost)
 
 

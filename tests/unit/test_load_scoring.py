@@ -431,6 +431,17 @@ def test_speculation_counts_a_routed_pod_as_holder_until_its_ttl_ends():
     assert len(bounded) == 10
 
 
+def test_a_guess_laid_over_the_owner_cache_never_changes_its_shared_dicts():
+    spec = Speculation(ttl=5.0)
+    spec.routed("m", [1, 2], "pod-a")
+    held, other = {"pod-a": 7.0}, {"pod-b": 1.0}
+    hits = [held, other]
+    spec.overlay("m", [1, 2], hits)
+    assert hits[0] is held and held == {"pod-a": 7.0}, "already held: the engine's own time stands"
+    assert other == {"pod-b": 1.0}, "the owner cache's dict is shared: a guess goes on a copy"
+    assert hits[1].keys() == {"pod-a", "pod-b"} and hits[1]["pod-b"] == 1.0
+
+
 def test_speculation_gives_way_to_the_engines_own_events():
     now = [100.0]
     spec = Speculation(ttl=2.0, clock=lambda: now[0])
