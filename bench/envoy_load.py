@@ -32,7 +32,9 @@ the same code runs several times slower than in a busy loop (a 10 KB JSON parse:
 several), through the floor and kv-extproc, in both body modes.
 
 Environment: BENCH_SIZES (e.g. "2000"), BENCH_VARIANTS (e.g. "floor,hit,turn"),
-BENCH_DURATION (seconds per wrk run, default 5), BENCH_DOC=0 to skip the 1 MB document.
+BENCH_DURATION (seconds per wrk run, default 5), BENCH_ROUNDS (default 1: with more, the variants
+are measured in turn that many times and the median of each round's ratios is printed and
+kept under "medians"), BENCH_DOC=0 to skip the 1 MB document.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from .common import text_of_tokens, write
 
 MODEL = "Qwen/Qwen3-0.6B"
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1"))
 BACKENDS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
@@ -297,7 +300,7 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
     pods = [{"id": f"pod-{i}", "address": f"{h}:{p}"} for i, (h, p) in enumerate(zip(BACKENDS, ports))]
     redis_server = launcher.start_redis(workdir)
     started: list = [backend, redis_server]
-    results: dict = {"duration_s": DURATION, "rows": [], "doc": []}
+    results: dict = {"duration_s": DURATION, "rounds": ROUNDS, "rows": [], "medians": [], "doc": []}
     pids: dict[str, int] = {}
     header = "x-gateway-destination-endpoint"
     try:
@@ -346,38 +349,12 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
         for size in sizes:
             system = text_of_tokens(tokenizer, size, seed=size)
             for connections in (1, 8):
-                row_base = {}
-                for variant in variants:
-                    body, unique = variant_body(variant, system)
-                    path = PASS_PATH if variant == "pass" else CHAT_PATH
-                    wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir, path=path)  # warm-up
-                    stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir,
-                                pid=cpu_of.get(variant), path=path)
-                    row_base[variant] = stats
-                    row = {"prompt_tokens": size, "connections": connections, "variant": variant, **stats}
-                    for ref in REFERENCES:
-                        if ref in row_base and ref != variant:
-                            row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
-                            row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
-                    if "cpu_us" in stats and "cpu_us" in row_base.get("floor", {}) and variant != "floor":
-                        row["cpu_us_over_floor"] = stats["cpu_us"] - row_base["floor"]["cpu_us"]
-                    if unique and "floor" in urls:
-                        # wrk makes each unique body in Lua, on the same two cores: the floor is also
-                        # measured with this client, so the comparison charges kv-extproc only.
-                        wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
-                        same = wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
-                        row["floor_same_client"] = same
-                        row["rps_vs_floor_same_client"] = stats["rps"] / same["rps"]
-                        row["p50_minus_floor_same_client_ms"] = stats["p50_ms"] - same["p50_ms"]
-                    results["rows"].append(row)
-                    extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items()
-                                      if k.startswith(("rps_vs", "p50_minus")) and not isinstance(v, dict))
-                    cpu = (f"cpu {stats['cpu_us']:5.0f} us/req" + (f" (+{row['cpu_us_over_floor']:.0f} over the floor)"
-                                                                 if "cpu_us_over_floor" in row else "")
-                           if "cpu_us" in stats else "")
-                    print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
-                          f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {cpu}  "
-                          f"{extra}", flush=True)
+                rounds_rows: list[dict] = []
+                for round_ in range(ROUNDS):
+                    rounds_rows += measure_round(urls, variants, system, size, connections, round_, workdir, cpu_of)
+                results["rows"] += rounds_rows
+                if ROUNDS > 1:
+                    results["medians"] += medians(rounds_rows, size, connections)
         if kv is not None and "floor" in variants and os.environ.get("BENCH_DOC", "1") != "0":
             duplex_port = launcher.free_port()
             FloorDuplexExtProc(duplex_port, header=header, address=pods[0]["address"]).start()
@@ -388,6 +365,60 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
             part.proc.stop()
     write(name, results)
     return results
+
+
+def measure_round(urls: dict[str, str], variants: tuple[str, ...], system: str, size: int, connections: int,
+                  round_: int, workdir: Path, cpu_of: dict[str, int]) -> list[dict]:
+    """Every variant once, in order, each against the references measured in this same round."""
+    rows, row_base = [], {}
+    for variant in variants:
+        body, unique = variant_body(variant, system)
+        path = PASS_PATH if variant == "pass" else CHAT_PATH
+        wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir, path=path)  # warm-up
+        stats = wrk(urls[variant], body, connections=connections, unique=unique, workdir=workdir,
+                    pid=cpu_of.get(variant), path=path)
+        row_base[variant] = stats
+        row = {"prompt_tokens": size, "connections": connections, "variant": variant, "round": round_, **stats}
+        for ref in REFERENCES:
+            if ref in row_base and ref != variant:
+                row[f"rps_vs_{ref}"] = stats["rps"] / row_base[ref]["rps"]
+                row[f"p50_minus_{ref}_ms"] = stats["p50_ms"] - row_base[ref]["p50_ms"]
+        if "cpu_us" in stats and "cpu_us" in row_base.get("floor", {}) and variant != "floor":
+            row["cpu_us_over_floor"] = stats["cpu_us"] - row_base["floor"]["cpu_us"]
+        if unique and "floor" in urls:
+            # wrk makes each unique body in Lua, on the same two cores: the floor is also
+            # measured with this client, so the comparison charges kv-extproc only.
+            wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
+            same = wrk(urls["floor"], body, connections=connections, unique=True, workdir=workdir)
+            row["floor_same_client"] = same
+            row["rps_vs_floor_same_client"] = stats["rps"] / same["rps"]
+            row["p50_minus_floor_same_client_ms"] = stats["p50_ms"] - same["p50_ms"]
+        rows.append(row)
+        extra = "  ".join(f"{k} {v:.2f}" for k, v in row.items()
+                          if k.startswith(("rps_vs", "p50_minus")) and not isinstance(v, dict))
+        cpu = (f"cpu {stats['cpu_us']:5.0f} us/req" + (f" (+{row['cpu_us_over_floor']:.0f} over the floor)"
+                                                     if "cpu_us_over_floor" in row else "")
+               if "cpu_us" in stats else "")
+        print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} {stats['rps']:>7.0f} req/s  "
+              f"p50 {stats['p50_ms']:6.2f} ms  p99 {stats['p99_ms']:6.2f} ms  non-2xx {stats['non_2xx']}  {cpu}  "
+              f"{extra}", flush=True)
+    return rows
+
+
+def medians(rows: list[dict], size: int, connections: int) -> list[dict]:
+    """Per variant, the median over rounds of each ratio and difference to the references
+    (each taken within its round): one round is a sample of the machine as much as of the code."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        keys = [k for k in mine[0] if k.startswith(("rps_vs", "p50_minus", "cpu_us_over")) and not isinstance(mine[0][k], dict)]
+        row = {"prompt_tokens": size, "connections": connections, "variant": variant, "rounds": len(mine),
+               **{k: statistics.median(r[k] for r in mine if k in r) for k in keys}}
+        out.append(row)
+        if keys:
+            print(f"envoy     {size:>6} tok  c={connections}  {variant:<8} median of {len(mine)} rounds:  "
+                  + "  ".join(f"{k} {row[k]:.2f}" for k in keys), flush=True)
+    return out
 
 
 def measure_document(tokenizer, proxy, kv_listen: str, floor_ports: dict[str, int], repeats: int = 7) -> list[dict]:
