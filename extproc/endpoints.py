@@ -79,20 +79,6 @@ def candidates_of(pod_id: str, data_parallel_size: int) -> list[tuple[str, int |
     return [(rank_id(pod_id, rank), rank) for rank in range(data_parallel_size)]
 
 
-def tiered_prefix(hits, candidates, weights: dict[str, float], not_before: float = 0.0
-                  ) -> tuple[dict[str, int], dict[str, float]]:
-    """Per candidate: the run of consecutive blocks from the first it holds on any weighted
-    medium (the run continues across tiers; a block held on several counts once, at its best),
-    and that run's weighted sum (a GPU block counts ``weights["GPU"]``, a CPU block
-    ``weights["CPU"]``, ...). Candidates with no run are absent. Every owner is known here
-    (an index answer): PrefixRuns walks the whole list at once."""
-    if not hits:  # as matched_prefix answers an empty prompt
-        return dict.fromkeys(candidates, 0), dict.fromkeys(candidates, 0.0)
-    runs = PrefixRuns(candidates, weights, not_before)
-    runs.walk(hits)
-    return runs.matched, runs.weighted  # type: ignore[return-value]  # weights given: a dict
-
-
 @lru_cache(maxsize=64)
 def _run_media(weights: tuple[tuple[str, float], ...] | None) -> tuple[float, tuple[tuple[float, str], ...]]:
     """(the GPU's weight, when no other medium is worth more, else 0; the other media to look
@@ -111,11 +97,15 @@ def _tier_keys(candidate: str, media: tuple[tuple[float, str], ...]) -> tuple[tu
 
 class PrefixRuns:
     """Each candidate's run of blocks from the first, walked once, candidate by candidate, over
-    owners some of which may not be known yet (None: the index must be asked). The runs and
-    weighted sums of ``tiered_prefix`` (``weights`` None: those of ``indexer.matched_prefix``,
-    GPU presence only, no weighted sums), without a pass per block over every candidate: a GPU
-    hit, the common case, is one dict lookup (a 125-block prompt held by three pods, in a loop:
-    183 -> 33 us against the two passes before).
+    owners some of which may not be known yet (None: the index must be asked).
+
+    A run is the consecutive blocks from the first a candidate holds on any weighted medium (it
+    continues across tiers; a block held on several counts once, at its best); its weighted sum
+    counts a GPU block ``weights["GPU"]``, a CPU block ``weights["CPU"]``, ...; candidates with
+    no run are absent. ``weights`` None: GPU presence only, no weighted sums. tests/harness/runs.py
+    states the same runs the plain way, and the tests hold this walk to it. There is no pass per
+    block over every candidate: a GPU hit, the common case, is one dict lookup (a 125-block
+    prompt held by three pods, in a loop: 183 -> 33 us against the two passes before).
 
     ``walk`` goes as far as the known blocks let it; while it returns True, the candidates still
     running all wait at ``depth``, the first unknown block their runs reach."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
 from .blocks import HashScheme, block_keys
-from .endpoints import PrefixRuns, tiered_prefix
+from .endpoints import PrefixRuns
 from .index import FEED_LOST, BlockIndex, IndexUnavailable, Invalidation, PodTimes
 from .prefixcache import CacheStats, PrefixCache, Tokenized
 from .prefixcache.speculation import Speculation
@@ -68,28 +68,6 @@ class PrefixMatch:
     when the indexer weighs no tiers."""
 
 
-def matched_prefix(hits: Sequence[PodTimes], pod_ids: Sequence[str], not_before: float = 0.0) -> dict[str, int]:
-    """Consecutive blocks from the first that each pod holds (pods with none are absent).
-
-    Entries stored before ``not_before`` (unix seconds) are treated as absent.
-    """
-    matched: dict[str, int] = {}
-    active = list(pod_ids)
-    for depth, holders in enumerate(hits):
-        still = [p for p in active if p in holders and holders[p] >= not_before]
-        if depth:
-            for pod in active:
-                if pod not in still:
-                    matched[pod] = depth
-        active = still
-        if not active:
-            break
-    else:
-        for pod in active:
-            matched[pod] = len(hits)
-    return matched
-
-
 def _rough_chars(request: RoutingRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
@@ -115,7 +93,7 @@ class Indexer:
     remote: RemoteTokenizer | None = None
     """Engines' /tokenize, for ``tokenizer: remote`` models (and remoteFallback)."""
     medium_weights: dict[str, float] | None = None
-    """Weights of KV tiers (endpoints.tiered_prefix): a run continues across tiers. None: GPU
+    """Weights of KV tiers (endpoints.PrefixRuns): a run continues across tiers. None: GPU
     presence only, every block counting 1."""
     _last_error_log: float = field(default=-ERROR_LOG_INTERVAL, init=False)
 
@@ -179,22 +157,17 @@ class Indexer:
 
     def _matched(self, hits: Sequence[PodTimes], runs: PrefixRuns | None, pod_ids: Sequence[str],
                  timings: dict[str, float], since: float) -> tuple[dict[str, int], dict[str, float] | None]:
-        """The runs ``_owners`` walked (or, where it walked none, ``_runs``), with the lookup and
-        score stages' times since ``since``: a walk's own time is the score stage's."""
-        now = time.perf_counter()
-        if runs is not None:
-            timings["lookup"], timings["score"] = now - since - runs.seconds, runs.seconds
-            return runs.matched, runs.weighted
-        timings["lookup"] = now - since
-        result = self._runs(hits, pod_ids)
-        timings["score"] = time.perf_counter() - now
-        return result
-
-    def _runs(self, hits: Sequence[PodTimes], pod_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, float] | None]:
-        """Each pod's run of blocks from the first, and (with tiers) that run weighted by medium."""
-        if self.medium_weights is None:
-            return matched_prefix(hits, pod_ids, self._not_before()), None
-        return tiered_prefix(hits, pod_ids, self.medium_weights, self._not_before())
+        """The candidates' runs (those ``_owners`` walked, or a walk of ``hits`` where it walked
+        none), with the lookup and score stages' times since ``since``: a walk's own time is the
+        score stage's."""
+        if runs is None:
+            lookup = time.perf_counter() - since
+            runs = PrefixRuns(pod_ids, self.medium_weights, self._not_before())
+            runs.walk(hits)  # every owner is known here: an index answer
+        else:
+            lookup = time.perf_counter() - since - runs.seconds
+        timings["lookup"], timings["score"] = lookup, runs.seconds
+        return runs.matched, runs.weighted
 
     def routed(self, model: str, keys: list[int], pod: str, held: int) -> None:
         """The request went to ``pod``, which held its first ``held`` blocks: it will hold the rest soon."""
@@ -401,4 +374,4 @@ def build_cache(config, *, block_size: int, max_blocks: int, scheme: HashScheme)
     return PrefixCache(config, block_size=block_size, max_blocks=max_blocks, keyer=keyer)
 
 
-__all__ = ["FEED_LOST", "Indexer", "PrefixMatch", "PromptTooLong", "build_cache", "matched_prefix"]
+__all__ = ["FEED_LOST", "Indexer", "PrefixMatch", "PromptTooLong", "build_cache"]

@@ -20,7 +20,7 @@ from extproc.events.ingest import Ingester
 from extproc.sim.engine import EngineCache, KVEventPublisher, removed_event
 from extproc.index.redis import RedisIndex
 from extproc.metrics import Metrics
-from extproc.indexer import matched_prefix
+from tests.harness.runs import matched_prefix
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.integration

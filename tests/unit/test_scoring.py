@@ -4,7 +4,7 @@ import pytest
 
 from extproc import scoring
 from extproc.config import ConfigError, PodConfig, ScoringConfig, from_dict
-from extproc.indexer import matched_prefix
+from extproc.endpoints import PrefixRuns
 from extproc.pods import PodPool
 from extproc.requests import RoutingRequest
 from extproc.scoring import Context
@@ -18,6 +18,13 @@ def pool(*ids):
 
 def choose(profile, pods, matched, total):
     return profile.decide(Context(REQUEST, matched, total), pods)
+
+
+def matched_prefix(hits, pod_ids, not_before=0.0):
+    """The decision's GPU runs over owners that are all known."""
+    runs = PrefixRuns(pod_ids, None, not_before)
+    assert not runs.walk(hits)
+    return runs.matched
 
 
 @pytest.fixture()

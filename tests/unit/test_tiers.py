@@ -19,7 +19,7 @@ from extproc.config import IndexConfig
 from extproc.events.sequencing import Sequencer
 from extproc.index.memory import MemoryIndex
 from extproc.index.redis import RedisIndex
-from extproc.indexer import matched_prefix
+from tests.harness import runs as reference
 from extproc.metrics import Metrics
 from extproc.sim import launcher
 from extproc.sim.engine import CLEARED_EVENT, placeholder_event, removed_event, stored_event
@@ -139,17 +139,24 @@ def test_pod_ids_may_not_contain_the_separators():
 # -- the weighted run -----------------------------------------------------------------
 
 
+def tiered_prefix(hits, candidates, weights, not_before=0.0):
+    """The decision's runs and weighted sums over owners that are all known."""
+    runs = endpoints.PrefixRuns(candidates, weights, not_before)
+    assert not runs.walk(hits)
+    return runs.matched, runs.weighted
+
+
 def test_the_run_continues_across_tiers_and_each_block_counts_by_its_tier():
     hits = [{"a": 5.0, "b|CPU": 5.0}, {"a|CPU": 5.0, "b": 5.0}, {"a": 5.0, "a|CPU": 5.0}, {"b|DISK": 5.0}]
-    matched, weighted = endpoints.tiered_prefix(hits, ["a", "b", "c"], WEIGHTS)
+    matched, weighted = tiered_prefix(hits, ["a", "b", "c"], WEIGHTS)
     assert matched == {"a": 3, "b": 2}  # b's run stops at an unweighted medium
     assert weighted == pytest.approx({"a": 1.0 + 0.8 + 1.0, "b": 0.8 + 1.0})
     # A GPU run beats the same run held in CPU memory; a longer CPU run beats a short GPU one.
-    matched, weighted = endpoints.tiered_prefix([{"a": 1.0, "b|CPU": 1.0}] * 4 + [{"b|CPU": 1.0}] * 2, ["a", "b"],
+    matched, weighted = tiered_prefix([{"a": 1.0, "b|CPU": 1.0}] * 4 + [{"b|CPU": 1.0}] * 2, ["a", "b"],
                                                 WEIGHTS)
     assert weighted["a"] == pytest.approx(4.0) and weighted["b"] == pytest.approx(4.8)
     # Entries stored before not_before do not count, on any tier.
-    matched, _ = endpoints.tiered_prefix([{"a": 1.0, "a|CPU": 9.0}, {"a": 1.0}], ["a"], WEIGHTS, not_before=5.0)
+    matched, _ = tiered_prefix([{"a": 1.0, "a|CPU": 9.0}, {"a": 1.0}], ["a"], WEIGHTS, not_before=5.0)
     assert matched == {"a": 1}
 
 
@@ -160,17 +167,17 @@ holders = st.dictionaries(st.sampled_from(["a", "b", "c", "a|CPU", "b|CPU", "c|S
 @given(st.lists(holders, max_size=12), st.floats(0, 10))
 def test_gpu_only_weights_give_the_plain_run(hits, not_before):
     gpu_only = [{p: at for p, at in h.items() if "|" not in p} for h in hits]
-    matched, weighted = endpoints.tiered_prefix(gpu_only, ["a", "b", "c"], {"GPU": 1.0}, not_before)
-    assert matched == matched_prefix(gpu_only, ["a", "b", "c"], not_before)
+    matched, weighted = tiered_prefix(gpu_only, ["a", "b", "c"], {"GPU": 1.0}, not_before)
+    assert matched == reference.matched_prefix(gpu_only, ["a", "b", "c"], not_before)
     assert weighted == {p: float(n) for p, n in matched.items()}
     # Tiers weighted 0 are no presence at all.
-    assert endpoints.tiered_prefix(hits, ["a", "b", "c"], {"GPU": 1.0, "CPU": 0.0}, not_before)[0] == matched
+    assert tiered_prefix(hits, ["a", "b", "c"], {"GPU": 1.0, "CPU": 0.0}, not_before)[0] == matched
 
 
 @given(st.lists(holders, max_size=12))
 def test_a_tier_only_adds_and_counts_less_than_the_gpu(hits):
-    gpu_matched, gpu_weighted = endpoints.tiered_prefix(hits, ["a", "b", "c"], {"GPU": 1.0})
-    matched, weighted = endpoints.tiered_prefix(hits, ["a", "b", "c"], WEIGHTS)
+    gpu_matched, gpu_weighted = tiered_prefix(hits, ["a", "b", "c"], {"GPU": 1.0})
+    matched, weighted = tiered_prefix(hits, ["a", "b", "c"], WEIGHTS)
     for pod, n in gpu_matched.items():
         assert matched[pod] >= n and weighted[pod] >= gpu_weighted[pod] - 1e-9
     for pod, n in matched.items():
@@ -184,8 +191,8 @@ weights = st.one_of(st.none(), st.fixed_dictionaries({"GPU": st.sampled_from([0.
 
 @given(st.lists(st.tuples(holders, st.booleans()), max_size=12), weights, st.floats(0, 10))
 def test_runs_walked_candidate_by_candidate_are_the_runs_of_the_whole_list(blocks, weights, not_before):
-    """PrefixRuns (the decision's single walk) answers what tiered_prefix / matched_prefix do over
-    the true owners, whichever blocks are still unknown when it starts: each unknown block the
+    """PrefixRuns (the decision's single walk) answers what the plain statements of a run
+    (tests/harness/runs.py) give over the true owners, whichever blocks are still unknown when it starts: each unknown block the
     runs reach is learned from the index (its true owners) and the walk goes on from there."""
     truth = [owners for owners, _ in blocks]
     known: list = [None if unknown else owners for owners, unknown in blocks]
@@ -199,9 +206,9 @@ def test_runs_walked_candidate_by_candidate_are_the_runs_of_the_whole_list(block
     if not truth:
         return
     if weights is None:
-        assert runs.matched == matched_prefix(truth, ["a", "b", "c"], not_before) and runs.weighted is None
+        assert runs.matched == reference.matched_prefix(truth, ["a", "b", "c"], not_before) and runs.weighted is None
     else:
-        matched, weighted = endpoints.tiered_prefix(truth, ["a", "b", "c"], weights, not_before)
+        matched, weighted = reference.tiered_prefix(truth, ["a", "b", "c"], weights, not_before)
         assert runs.matched == matched
         assert runs.weighted == pytest.approx(weighted)
 
@@ -219,14 +226,14 @@ def test_a_block_held_on_several_media_counts_at_the_best_even_when_that_is_not_
     for weights in ({"GPU": 0.5, "CPU": 1.0}, WEIGHTS):
         runs = endpoints.PrefixRuns(["a"], weights)
         assert not runs.walk(hits)
-        assert runs.weighted == pytest.approx(endpoints.tiered_prefix(hits, ["a"], weights)[1])
+        assert runs.weighted == pytest.approx(reference.tiered_prefix(hits, ["a"], weights)[1])
     assert runs.weighted == pytest.approx({"a": 2.0})
     runs = endpoints.PrefixRuns(["a"], {"GPU": 0.5, "CPU": 1.0})
     runs.walk(hits)
     assert runs.weighted == pytest.approx({"a": 1.5})
     nothing = endpoints.PrefixRuns(["a"], {"GPU": 1.0, "CPU": 1.0})
     nothing.walk([{"a|DISK": 1.0}])
-    assert nothing.matched == {} == endpoints.tiered_prefix([{"a|DISK": 1.0}], ["a"], WEIGHTS)[0]
+    assert nothing.matched == {} == reference.tiered_prefix([{"a|DISK": 1.0}], ["a"], WEIGHTS)[0]
 
 
 # -- the index, both backends ---------------------------------------------------------
@@ -242,7 +249,7 @@ async def test_a_gpu_removal_leaves_the_cpu_copy_and_a_cpu_removal_the_gpu_one(i
     assert await pod.holders(4) == [{"pod-a"}, {"pod-a", "pod-a|CPU"}, {"pod-a|CPU"}, {"pod-a|CPU"}]
     # Scored against a pod holding all four on its GPU: below it, above nobody.
     hits = [dict.fromkeys(h, 1.0) | {"pod-b": 1.0} for h in await pod.holders(4)]
-    matched, weighted = endpoints.tiered_prefix(hits, ["pod-a", "pod-b", "pod-c"], WEIGHTS)
+    matched, weighted = tiered_prefix(hits, ["pod-a", "pod-b", "pod-c"], WEIGHTS)
     assert matched == {"pod-a": 4, "pod-b": 4}
     assert weighted["pod-b"] == 4.0 and weighted["pod-a"] == pytest.approx(1 + 1 + 0.8 + 0.8)
 
