@@ -6,11 +6,13 @@ so tests can build as many independent servers as they like.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -36,6 +38,63 @@ class _Children:
         return getattr(self._metric, name)
 
 
+class LoopHistogram(Collector):
+    """A histogram observed on the event loop only, for what every decision observes (six
+    times). prometheus_client's takes a lock and walks its buckets in Python on each
+    observation (~0.7 us); here it is a bisect and two additions, safe under the GIL with one
+    writing thread. A scrape (another thread) copies the counts: it may see an observation in
+    its bucket and not yet in the sum, never a bucket's count going back."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry):
+        self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
+        self._bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        self._children: dict[tuple[str, ...], _Observations] = {}
+        self._unlabelled = None if labelnames else self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> "_Observations":
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[values] = _Observations(self._bounds)
+        return child
+
+    def observe(self, amount: float) -> None:
+        """For a histogram without labels."""
+        self._unlabelled.observe(amount)  # type: ignore[union-attr]
+
+    def describe(self):
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self):
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        for values, child in list(self._children.items()):
+            counts, total = list(child.counts), child.sum
+            cumulative, buckets = 0, []
+            for le, count in zip(les, counts):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(values), buckets, total)
+        yield family
+
+
+class _Observations:
+    __slots__ = ("counts", "sum", "_bounds")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        """Per bucket, not cumulative; the last is +Inf."""
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound is >= amount
+        self.sum += amount
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -50,14 +109,14 @@ class Metrics:
         self.fallbacks = Counter(
             "kv_extproc_fallbacks", "Requests routed without cache awareness, by reason.", ["reason"], registry=r
         )
-        self.stage_seconds = Histogram(
+        self.stage_seconds = LoopHistogram(
             "kv_extproc_stage_seconds",
             "Time spent per routing stage (parse, tokenize, hash, lookup, score, decision).",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.prefix_ratio = Histogram(
+        self.prefix_ratio = LoopHistogram(
             "kv_extproc_matched_prefix_ratio",
             "Fraction of the prompt's blocks cached on the chosen pod.",
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
@@ -132,8 +191,8 @@ class Metrics:
             "kv_extproc_pod_in_flight_requests", "Requests this process routed that are still open.", ["pod"], registry=r
         )
         # Touched by every request: each label set is looked up once.
-        self.requests, self.fallbacks, self.stage_seconds, self.cache_lookups, self.in_flight = (
-            _Children(m) for m in (self.requests, self.fallbacks, self.stage_seconds, self.cache_lookups, self.in_flight))
+        self.requests, self.fallbacks, self.cache_lookups, self.in_flight = (
+            _Children(m) for m in (self.requests, self.fallbacks, self.cache_lookups, self.in_flight))
 
     def watch_pods(self, pool, ingester) -> None:
         """Export the configured pods and, with an ingester, how old each pod's index view is."""

@@ -8,11 +8,11 @@ the model's pods exist but none is ready or in the proxy's subset hint.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 
+from .eager import within
 from .index import IndexUnavailable
 from .indexer import Indexer, PromptTooLong
 from .logs import ThrottledLog
@@ -80,8 +80,11 @@ class Router:
         candidates = self.candidates(request)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.decision_timeout):
-                match = await self.indexer.get_pod_scores(request, [pod.id for pod in candidates])
+            # A decision that waits on nothing (a repeat, a new turn after a cached prefix) pays
+            # for no timer; one that waits (a tokenizer thread, the index) has what is left of
+            # decisionTimeout.
+            match = await within(self.indexer.get_pod_scores(request, [pod.id for pod in candidates]),
+                                 self.decision_timeout, started=started)
         except TokenizerUnavailable as exc:
             return self._fallback("tokenizer", str(exc), candidates)
         except TokenizerBusy as exc:

@@ -67,7 +67,7 @@ class ExtProcService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
-            self.process, request_deserializer=wire.parse_request, response_serializer=bytes
+            self.process, request_deserializer=wire.parse_request, response_serializer=None
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": method})
 
