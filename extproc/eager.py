@@ -2,8 +2,8 @@
 
 Most routing decisions never wait on anything: a repeated prompt or a new turn after a cached
 prefix is answered from the prefix store and the block-owner cache on the event loop. Yet
-``asyncio.timeout`` arms a loop timer and cancels it for every call (about 5 us under uvloop,
-twice that under load: a tenth of such a decision). ``within`` runs the coroutine until it
+``asyncio.timeout`` arms a loop timer and cancels it for every call, a tenth of such a
+decision's time when measured. ``within`` runs the coroutine until it
 first suspends, like Python 3.12's eager tasks; only then does the timer start, for what is
 left of the budget. A coroutine that finishes without suspending cannot be interrupted by an
 asyncio timeout anyway: no time check is lost.
@@ -37,21 +37,22 @@ async def within(coro: Coroutine[Any, Any, T], seconds: float, *, started: float
 
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, T], waiting_on: Any) -> Generator[Any, Any, T]:
-    """Go on awaiting ``coro``, which ``send`` started and which yielded ``waiting_on`` (the
-    future it waits for): what ``await coro`` would have done from that point. The task's
-    answers go in by ``send``, its cancellations (the timeout's) by ``throw``."""
+    """Go on awaiting ``coro``, which ``send`` started and which yielded ``waiting_on`` (a future,
+    or None for a bare yield): what ``await coro`` would have done from that point. The task's
+    answers go in by ``send``, a cancellation (the timeout's) or a failed future's error by
+    ``throw``, from outside the handler that caught it: ``coro`` must not see it as an exception
+    being handled (a later error of its own would carry it as its context)."""
     while True:
+        error = answer = None
         try:
             answer = yield waiting_on
         except GeneratorExit:
             raise  # closed by its owner; within() closes coro
-        except BaseException as exc:  # noqa: BLE001 - a cancellation, or the future's exception
-            try:
-                waiting_on = coro.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                waiting_on = coro.send(answer)
-            except StopIteration as done:
-                return done.value
+        except BaseException as exc:  # noqa: BLE001 - a cancellation, or the awaited future's error
+            error = exc
+        try:
+            waiting_on = coro.send(answer) if error is None else coro.throw(error)
+        except StopIteration as done:
+            return done.value
+        finally:
+            error = None  # no reference cycle through the traceback

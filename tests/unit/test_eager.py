@@ -4,11 +4,11 @@ is left of its budget, and cancellations and errors reach it exactly as with a p
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
 
-from extproc import eager
 from extproc.eager import within
 
 
@@ -17,10 +17,12 @@ async def immediate(value):
 
 
 async def test_a_coroutine_that_never_waits_is_answered_without_arming_a_timer(monkeypatch):
-    def no_timer(delay):
+    def no_timer(*args, **kwargs):
         raise AssertionError("a timer was armed for a coroutine that never waited")
 
-    monkeypatch.setattr(eager.asyncio, "timeout", no_timer)
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "call_at", no_timer)
+    monkeypatch.setattr(loop, "call_later", no_timer)
 
     async def nested():
         return await immediate(1) + await immediate(2)
@@ -61,6 +63,25 @@ async def test_an_error_after_a_wait_propagates_as_it_is():
 
     with pytest.raises(ConnectionError, match="index down"):
         await within(fails_later(), 1.0)
+
+
+async def test_an_error_the_coroutine_handles_after_a_wait_stays_handled():
+    """The index failed, the lookup carried on degraded: that error is over for it."""
+    loop = asyncio.get_running_loop()
+
+    async def recovers():
+        future = loop.create_future()
+        loop.call_soon(future.set_exception, ConnectionError("index down"))
+        try:
+            await future
+        except ConnectionError:
+            pass
+        assert sys.exc_info()[1] is None, "the handled error is still being handled"
+        raise KeyError("a later bug")
+
+    with pytest.raises(KeyError) as raised:
+        await within(recovers(), 1.0)
+    assert raised.value.__context__ is None
 
 
 async def test_waiting_past_the_budget_is_a_timeout_and_the_coroutine_is_cancelled():
@@ -118,6 +139,22 @@ async def test_cancelling_the_caller_cancels_the_coroutine_and_is_not_a_timeout(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert seen == ["cancelled"]
+
+
+async def test_closing_the_waiting_caller_closes_the_coroutine():
+    seen = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(10)
+        finally:
+            seen.append("closed")
+
+    work = slow()  # held here: only an explicit close may end it, not its last reference going
+    caller = within(work, 5.0)
+    caller.send(None)  # waiting in sleep, under the timer
+    caller.close()
+    assert seen == ["closed"]
 
 
 async def test_a_coroutine_may_answer_its_own_timeout():

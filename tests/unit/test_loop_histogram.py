@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client import generate_latest
 
 from extproc.metrics import LoopHistogram, Metrics
 
@@ -53,3 +52,10 @@ def test_the_decision_stages_are_exported_with_their_names():
     assert 'kv_extproc_stage_seconds_bucket{le="0.0005",stage="decision"} 1.0' in exported
     assert 'kv_extproc_stage_seconds_bucket{le="0.00025",stage="decision"} 0.0' in exported
     assert "kv_extproc_matched_prefix_ratio_count 1.0" in exported
+
+
+def test_a_second_metric_of_the_same_name_is_refused():
+    registry = CollectorRegistry()
+    LoopHistogram("h_seconds", "doc", buckets=BUCKETS, registry=registry)
+    with pytest.raises(ValueError):
+        Histogram("h_seconds", "doc", buckets=BUCKETS, registry=registry)
