@@ -556,3 +556,67 @@ async def test_our_request_that_came_and_went_during_a_scrape_is_not_taken_for_a
         server.close()
     assert p.get("a").engine.running == 1.0
     assert load_of(p.get("a")) == 0, "the one running request was ours and is done"
+
+
+def plain_parse(text: str, engine: int | None = None) -> tuple[float, float, float] | None:
+    """What parse_metrics means, said line by line (the parser it replaced): the three series,
+    summed (KV usage: the largest), only the rank's own with ``engine``."""
+    waiting = running = kv = 0.0
+    seen = False
+    for line in text.split("\n"):
+        if not line.startswith("vllm:"):
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        if brace != -1 and (space == -1 or brace < space):
+            name, labels, fields = line[:brace], line[brace:line.rfind("}") + 1], line[line.rfind("}") + 1:].split()
+        else:
+            name, labels, fields = line[:space], "", line[space + 1:].split()
+        if engine is not None and f'engine="{engine}"' not in labels:
+            continue
+        try:
+            value = float(fields[0])
+        except (IndexError, ValueError):
+            continue
+        if name == "vllm:num_requests_waiting":
+            waiting, seen = waiting + value, True
+        elif name == "vllm:num_requests_running":
+            running, seen = running + value, True
+        elif name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            kv = max(kv, value)
+    return (waiting, running, min(1.0, max(0.0, kv))) if seen else None
+
+
+NAMES = ["vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+         "vllm:gpu_cache_usage_perc", "vllm:num_requests_waiting_total", "vllm:prefix_cache_hits_total",
+         "python_gc_objects_collected_total", "# HELP vllm:num_requests_waiting"]
+VALUES = ["0", "3.0", "0.42", "1e3", "NaN", "+Inf", "-1", "x", ""]
+
+
+@st.composite
+def metrics_pages(draw):
+    lines = []
+    for _ in range(draw(st.integers(0, 30))):
+        name = draw(st.sampled_from(NAMES))
+        labels = draw(st.sampled_from(["", '{engine="0",model_name="m"}', '{engine="1",model_name="m"}',
+                                       '{model_name="a} b"}', '{le="0.5",engine="0"}']))
+        value = draw(st.sampled_from(VALUES))
+        stamp = draw(st.sampled_from(["", " 1700000000000"]))
+        lines.append(f"{name}{labels} {value}{stamp}")
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(metrics_pages(), st.sampled_from([None, 0, 1]))
+def test_the_metrics_page_is_read_as_its_lines_say(page, engine):
+    load = parse_metrics(page, 1.0, engine)
+    want = plain_parse(page, engine)
+    got = None if load is None else (load.waiting, load.running, load.kv_usage)
+    assert repr(got) == repr(want)  # repr: NaN equals NaN
+
+
+def test_a_page_of_vllm_size_is_read_without_a_loop_over_its_lines():
+    """~500 lines of histograms around the three series: they are still found."""
+    noise = "\n".join(f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{b}"}} 3.0' for b in range(500))
+    page = f"{noise}\n{VLLM_METRICS}{noise}\n"
+    load = parse_metrics(page, 2.0)
+    assert (load.waiting, load.running, load.kv_usage) == (4.0, 2.0, 0.42)
