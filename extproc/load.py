@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import httpget
@@ -55,10 +55,20 @@ Python it replaced took ~315 us and a ``^`` pattern, tried at every position, ~2
 def parse_metrics(text: str, at: float, engine: int | None = None) -> EngineLoad | None:
     """The three numbers from a Prometheus text exposition; None if it has no queue metric.
     ``engine``: only that data-parallel rank's series (vLLM labels them engine="<rank>")."""
+    return _load(_SERIES.findall("\n" + text), at, engine)
+
+
+def parse_ranks(text: str, at: float, engines: Sequence[int | None]) -> list[EngineLoad | None]:
+    """parse_metrics for each of an engine's data-parallel ranks, the page read once."""
+    samples = _SERIES.findall("\n" + text)
+    return [_load(samples, at, engine) for engine in engines]
+
+
+def _load(samples: list[tuple[str, str, str]], at: float, engine: int | None) -> EngineLoad | None:
     waiting = running = kv = 0.0
     seen = False
     label = f'engine="{engine}"' if engine is not None else None
-    for name, labels, field in _SERIES.findall("\n" + text):
+    for name, labels, field in samples:
         if label is not None and label not in labels:
             continue
         try:
@@ -140,8 +150,8 @@ class LoadScraper:
                 log.debug("engine %s: /metrics not read: %r", address, exc)
                 return
         at = time.monotonic()
-        for pod, (open_before, routed_before) in zip(pods, before):
-            load = parse_metrics(text, at, pod.rank)
+        loads = parse_ranks(text, at, [pod.rank for pod in pods])
+        for pod, (open_before, routed_before), load in zip(pods, before, loads):
             if load is not None:
                 record(pod, load, ours=open_before + pod.routed - routed_before)
 
