@@ -502,16 +502,23 @@ async def test_a_burst_with_a_new_prefix_stays_together_until_load_spreads_it(to
         tokenizers.close()
 
 
-async def test_the_scraper_reads_every_pods_metrics_endpoint():
+async def page_server(page: bytes) -> tuple[asyncio.Server, int, list[int]]:
+    """An engine's /metrics: every GET answered with ``page``, and counted."""
+    gets: list[int] = []
+
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
-        body = VLLM_METRICS.encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        gets.append(1)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(page) + page)
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    return server, server.sockets[0].getsockname()[1], gets
+
+
+async def test_the_scraper_reads_every_pods_metrics_endpoint():
+    server, port, _ = await page_server(VLLM_METRICS.encode())
     p = PodPool([PodConfig(id="a", address=f"127.0.0.1:{port}"), PodConfig(id="down", address="127.0.0.1:1")])
     metrics = Metrics()
     p.get("a").in_flight = 5
@@ -623,25 +630,13 @@ def test_a_page_of_vllm_size_is_read_without_a_loop_over_its_lines():
 
 
 async def test_one_read_of_an_engines_page_gives_each_data_parallel_rank_its_own_numbers():
-    requests = []
-
-    async def serve(reader, writer):
-        while await reader.readline() not in (b"\r\n", b""):
-            pass
-        requests.append(1)
-        body = VLLM_METRICS.encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port, gets = await page_server(VLLM_METRICS.encode())
     p = PodPool([PodConfig(id="a", address=f"127.0.0.1:{port}", data_parallel_size=2)])
     ranks = sorted(p.all(), key=lambda pod: pod.rank)
     try:
         await LoadScraper(p, interval=10, timeout=1)._scrape_engine(ranks, asyncio.Semaphore(1))
     finally:
         server.close()
-    assert len(requests) == 1
+    assert len(gets) == 1
     assert (ranks[0].engine.waiting, ranks[0].engine.running, ranks[0].engine.kv_usage) == (3.0, 2.0, 0.42)
     assert (ranks[1].engine.waiting, ranks[1].engine.running) == (1.0, 0.0)
