@@ -16,7 +16,7 @@ from extproc.config import PodConfig, from_dict
 from extproc.index import Invalidation, Writes
 from extproc.index.memory import MemoryIndex
 from extproc.indexer import Indexer
-from extproc.load import EngineLoad, LoadScraper, parse_metrics, record
+from extproc.load import EngineLoad, LoadScraper, parse_metrics, parse_ranks, record
 from extproc.metrics import Metrics
 from extproc.pods import PodPool, load_of
 from extproc.prefixcache.speculation import Speculation
@@ -566,18 +566,22 @@ async def test_our_request_that_came_and_went_during_a_scrape_is_not_taken_for_a
 
 
 def plain_parse(text: str, engine: int | None = None) -> tuple[float, float, float] | None:
-    """What parse_metrics means, said line by line (the parser it replaced): the three series,
+    """What parse_metrics means, said line by line (Prometheus text format: a name, labels in
+    braces or whitespace after the name, the value, maybe a timestamp): the three series,
     summed (KV usage: the largest), only the rank's own with ``engine``."""
     waiting = running = kv = 0.0
     seen = False
     for line in text.split("\n"):
         if not line.startswith("vllm:"):
             continue
-        brace, space = line.find("{"), line.find(" ")
-        if brace != -1 and (space == -1 or brace < space):
+        brace = line.find("{")
+        cut = min((i for i in (line.find(" "), line.find("\t")) if i != -1), default=-1)
+        if brace != -1 and (cut == -1 or brace < cut):
             name, labels, fields = line[:brace], line[brace:line.rfind("}") + 1], line[line.rfind("}") + 1:].split()
+        elif cut != -1:
+            name, labels, fields = line[:cut], "", line[cut:].split()
         else:
-            name, labels, fields = line[:space], "", line[space + 1:].split()
+            continue
         if engine is not None and f'engine="{engine}"' not in labels:
             continue
         try:
@@ -608,17 +612,19 @@ def metrics_pages(draw):
                                        '{model_name="a} b"}', '{le="0.5",engine="0"}']))
         value = draw(st.sampled_from(VALUES))
         stamp = draw(st.sampled_from(["", " 1700000000000"]))
-        lines.append(f"{name}{labels} {value}{stamp}")
+        gap = draw(st.sampled_from([" ", "\t", "  "] + ([""] if labels else [])))  # no space after a brace: valid
+        lines.append(f"{name}{labels}{gap}{value}{stamp}")
     return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
 
 
 @settings(max_examples=400, deadline=None)
 @given(metrics_pages(), st.sampled_from([None, 0, 1]))
 def test_the_metrics_page_is_read_as_its_lines_say(page, engine):
-    load = parse_metrics(page, 1.0, engine)
+    as_read = [parse_metrics(page, 1.0, engine), *parse_ranks(page, 1.0, [engine])]
     want = plain_parse(page, engine)
-    got = None if load is None else (load.waiting, load.running, load.kv_usage)
-    assert repr(got) == repr(want)  # repr: NaN equals NaN
+    for load in as_read:
+        got = None if load is None else (load.waiting, load.running, load.kv_usage)
+        assert repr(got) == repr(want)  # repr: NaN equals NaN
 
 
 def test_a_page_of_vllm_size_is_read_without_a_loop_over_its_lines():
