@@ -68,11 +68,11 @@ def _load(samples: list[tuple[str, str, str]], at: float, engine: int | None) ->
     waiting = running = kv = 0.0
     seen = False
     label = f'engine="{engine}"' if engine is not None else None
-    for name, labels, field in samples:
+    for name, labels, text in samples:
         if label is not None and label not in labels:
             continue
         try:
-            value = float(field)
+            value = float(text)
         except ValueError:
             continue
         if name == WAITING:
