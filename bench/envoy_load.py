@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 
 import grpc
-import yaml
 
 from extproc import responses
 from extproc.requests import CHAT_PATH

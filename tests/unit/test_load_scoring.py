@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from extproc import scoring
 from extproc.config import PodConfig, from_dict
-from extproc.index import Invalidation, Writes
+from extproc.index import Invalidation
 from extproc.index.memory import MemoryIndex
 from extproc.indexer import Indexer
 from extproc.load import EngineLoad, LoadScraper, parse_metrics, parse_ranks, record
@@ -23,7 +23,7 @@ from extproc.prefixcache.speculation import Speculation
 from extproc.requests import RoutingRequest
 from extproc.routing import Router
 from extproc.scoring import Context
-from extproc.tokenization import TokenizerManager, tokenize_with
+from extproc.tokenization import TokenizerManager
 
 REQUEST = RoutingRequest(model="m", kind="completion", prompt="x")
 VLLM_METRICS = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
