@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,6 +26,31 @@ def text_of_tokens(tokenizer, target_tokens: int, seed: int) -> str:
         else:
             lo = mid + 1
     return " ".join(words[:lo])
+
+
+class Pace:
+    """How fast this machine runs plain Python now, against the fastest seen in this run: a
+    fixed loop of dict updates (~1 ms), timed. Here the same loop takes 1.4x as long or more for
+    tenths of a second at a time (a VM sharing its host), and a benchmark held to an absolute
+    figure can then tell which of its samples the machine ran at its steady pace."""
+
+    SLOW = 1.15
+    """A pace this much slower than the fastest seen is a slow phase."""
+
+    def __init__(self) -> None:
+        self.best = float("inf")
+
+    def now(self) -> float:
+        t0 = time.perf_counter()
+        counts: dict[int, int] = {}
+        for i in range(10_000):
+            counts[i % 1000] = counts.get(i % 1000, 0) + i
+        seconds = time.perf_counter() - t0
+        self.best = min(self.best, seconds)
+        return seconds
+
+    def steady(self, seconds: float) -> bool:
+        return seconds <= self.SLOW * self.best
 
 
 def summary(samples_s: list[float]) -> dict[str, float]:
