@@ -506,12 +506,11 @@ def judge(rows: list[dict]) -> list[str]:
                          if (name, rate, b, seed) in by]
                 if bases:
                     ratios["best of rr/ll"].append(row[stat] / min(bases))
-                peers = [by[(name, rate, p, seed)][stat] for p in PEERS if (name, rate, p, seed) in by]
+                peers = {p: by[(name, rate, p, seed)][stat] for p in PEERS if (name, rate, p, seed) in by}
                 if peers and name in SHARED:
-                    ratios["best peer"].append(row[stat] / min(peers))
-                    for peer in PEERS:
-                        if (name, rate, peer, seed) in by:
-                            each[peer].append(row[stat] / by[(name, rate, peer, seed)][stat])
+                    ratios["best peer"].append(row[stat] / min(peers.values()))
+                    for peer, value in peers.items():
+                        each[peer].append(row[stat] / value)
             notes += [f"{label} {_geomean(values):.2f}x {what}" for what, values in ratios.items() if values]
             closest = max(((_geomean(values), peer) for peer, values in each.items() if values), default=None)
             if closest is not None:
