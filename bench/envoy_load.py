@@ -39,7 +39,6 @@ kept under "medians"), BENCH_DOC=0 to skip the 1 MB document.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -47,18 +46,14 @@ import statistics
 import re
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import grpc
-
-from extproc import responses
 from extproc.requests import CHAT_PATH
 from extproc.sim import launcher
-from extproc.server import SERVICE_NAME
 from extproc.tokenization import load_tokenizer
 
+from . import floors
 from .common import text_of_tokens, write
 
 MODEL = "Qwen/Qwen3-0.6B"
@@ -101,113 +96,6 @@ def headers_only(conf: dict) -> dict:
         if f["name"] == "envoy.filters.http.ext_proc":
             f["typed_config"]["processing_mode"]["request_body_mode"] = "NONE"
     return conf
-
-
-class NoopExtProc:
-    """The cheapest possible ext_proc on grpc.aio + uvloop: every headers message answered at once."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-
-    def _run(self) -> None:
-        import uvloop
-
-        uvloop.run(self._serve())
-
-    async def _serve(self) -> None:
-        from extproc import wire  # the same fast request parser kv-extproc uses: a fair baseline
-
-        answer = responses.headers_continue(())
-
-        async def process(messages, context):
-            async for _ in messages:
-                yield answer
-
-        server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=wire.parse_request,
-                                                        response_serializer=bytes)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
-        server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await server.start()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        await self._stop.wait()
-        await server.stop(1)
-
-    def start(self) -> "NoopExtProc":
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-
-class FloorExtProc(NoopExtProc):
-    """Parses nothing: the first byte of a ProcessingRequest is the tag of the field that is set
-    (request_headers = field 2, request_body = field 4), and each is answered with bytes built once."""
-
-    def __init__(self, port: int, *, header: str, address: str):
-        super().__init__(port)
-        self.answers = {0x12: responses.headers_continue((header,)), 0x22: responses.body_route(header, address),
-                        0x32: responses.TRAILERS_CONTINUE}
-
-    async def _serve(self) -> None:
-        answers = self.answers
-
-        async def process(messages, context):
-            async for data in messages:
-                answer = answers.get(data[0]) if data else None
-                if answer is not None:
-                    yield answer
-
-        server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=None, response_serializer=None)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
-        server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await server.start()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        await self._stop.wait()
-        await server.stop(1)
-
-
-class FloorDuplexExtProc(NoopExtProc):
-    """The floor for FULL_DUPLEX_STREAMED: that mode must hold the headers answer and hand the body
-    back, so this one parses (with the same C parser kv-extproc uses) and does nothing else."""
-
-    def __init__(self, port: int, *, header: str, address: str):
-        super().__init__(port)
-        self.held = responses.headers_route(header, address, (header,))
-
-    async def _serve(self) -> None:
-        from extproc import wire
-
-        held = self.held
-
-        async def process(messages, context):
-            body = bytearray()
-            async for message in messages:
-                kind = message.WhichOneof("request")
-                if kind == "request_body":
-                    body += message.request_body.body
-                    if message.request_body.end_of_stream:
-                        yield held
-                        for chunk in responses.body_chunks(bytes(body)):
-                            yield chunk
-                elif kind == "response_headers":  # the shipped duplex config keeps the stream to the response
-                    yield responses.RESPONSE_HEADERS_CONTINUE
-
-        server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(process, request_deserializer=wire.parse_request,
-                                                        response_serializer=None)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),))
-        server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await server.start()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        await self._stop.wait()
-        await server.stop(1)
 
 
 LUA = """
@@ -320,19 +208,18 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
             started.append(envoy)
             return envoy.url
 
-        # The no-op and floor ext_procs run on threads of this process, idle otherwise while wrk
-        # runs: its CPU time is theirs.
-        noop_port, floor_port = launcher.free_port(), launcher.free_port()
-        NoopExtProc(noop_port).start()
-        FloorExtProc(floor_port, header=header, address=pods[0]["address"]).start()
+        # The no-op and the floor run in processes of their own, as kv-extproc does (bench/floors.py).
+        noop = floors.start("noop", workdir)
+        floor = floors.start("floor", workdir, header=header, address=pods[0]["address"])
+        started += [noop, floor]
         urls: dict[str, str] = {}
-        cpu_of: dict[str, int] = {"noop": os.getpid(), "floor": os.getpid()}
+        cpu_of: dict[str, int] = {"noop": noop.pid, "floor": floor.pid}
         if "envoy" in variants:
-            urls["envoy"] = proxy(without_ext_proc, f"127.0.0.1:{noop_port}")
+            urls["envoy"] = proxy(without_ext_proc, noop.listen)
         if "noop" in variants:
-            urls["noop"] = proxy(headers_only, f"127.0.0.1:{noop_port}")
+            urls["noop"] = proxy(headers_only, noop.listen)
         if "floor" in variants:
-            urls["floor"] = proxy(lambda c: c, f"127.0.0.1:{floor_port}")
+            urls["floor"] = proxy(lambda c: c, floor.listen)
         kv = None
         if {"hit", "miss", "turn", "pass"} & set(variants):
             kv = extproc()
@@ -355,10 +242,10 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
                 if ROUNDS > 1:
                     results["medians"] += medians(rounds_rows, size, connections)
         if kv is not None and "floor" in variants and os.environ.get("BENCH_DOC", "1") != "0":
-            duplex_port = launcher.free_port()
-            FloorDuplexExtProc(duplex_port, header=header, address=pods[0]["address"]).start()
-            results["doc"] = measure_document(tokenizer, proxy, kv, {"envoy.yaml": floor_port,
-                                                                      "envoy-full-duplex.yaml": duplex_port})
+            duplex = floors.start("duplex", workdir, header=header, address=pods[0]["address"])
+            started.append(duplex)
+            results["doc"] = measure_document(tokenizer, proxy, kv, {"envoy.yaml": floor.port,
+                                                                      "envoy-full-duplex.yaml": duplex.port})
     finally:
         for part in reversed(started):
             part.proc.stop()

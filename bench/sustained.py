@@ -13,7 +13,6 @@ Envoy config to kv-extproc, in 20 s intervals, beside the floor ext_proc measure
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import resource
@@ -116,7 +115,8 @@ async def in_process(decisions: int, interval: int) -> dict:
 
 
 def through_envoy(seconds: int, interval: int = 20) -> dict:
-    from .envoy_load import BACKENDS, FloorExtProc, backend_config, chat_body, wrk
+    from . import floors
+    from .envoy_load import BACKENDS, backend_config, chat_body, wrk
 
     workdir = Path(tempfile.mkdtemp(prefix="kv-extproc-sustained-envoy-"))
     tokenizer_dir = launcher.bundled_tokenizer_dir()
@@ -131,8 +131,8 @@ def through_envoy(seconds: int, interval: int = 20) -> dict:
         proc = launcher.start_extproc({"index": {"backend": "redis", "redisUrl": redis_server.url}, "logLevel": "warning",
                                        "models": [{"name": MODEL, "tokenizer": tokenizer_dir}], "pods": pods}, workdir)
         started.append(proc)
-        floor_port = launcher.free_port()
-        FloorExtProc(floor_port, header="x-gateway-destination-endpoint", address=pods[0]["address"]).start()
+        reference = floors.start("floor", workdir, header="x-gateway-destination-endpoint", address=pods[0]["address"])
+        started.append(reference)
 
         def proxy(listen_ext: str) -> str:
             conf = launcher.render_envoy("envoy.yaml", listen=f"127.0.0.1:{launcher.free_port()}",
@@ -142,7 +142,7 @@ def through_envoy(seconds: int, interval: int = 20) -> dict:
             started.append(envoy)
             return envoy.url
 
-        floor_url, kv_url = proxy(f"127.0.0.1:{floor_port}"), proxy(proc.listen)
+        floor_url, kv_url = proxy(reference.listen), proxy(proc.listen)
         body = chat_body(text_of_tokens(tokenizer, 2000, seed=2000), "Question @@N@@: what changed, and why?")
         os.environ["BENCH_DURATION"] = str(interval)
         import bench.envoy_load as envoy_load
