@@ -74,12 +74,23 @@ class Speculation:
             return
         wall = time.time()
         entries, cleared = self._entries, self._cleared
+        # guess -> its answer for a block nobody else holds: one dict for all such blocks of the
+        # prompt (a new prefix's blocks were routed together), not one copy per block.
+        alone: dict[tuple[tuple[str, float], ...], PodTimes] = {}
         for i in range(start, len(keys)):
             holders = hits[i]
             if holders is None:
                 continue
             guessed = entries.get((model, keys[i]))
             if not guessed:
+                continue
+            if not holders:
+                shared = alone.get(guessed)
+                if shared is None:
+                    shared = alone[guessed] = {pod: wall for pod, at in guessed
+                                               if at > oldest and at > cleared.get(pod, oldest)}
+                if shared:
+                    hits[i] = shared
                 continue
             added = None
             for pod, at in guessed:

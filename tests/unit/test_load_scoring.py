@@ -442,6 +442,18 @@ def test_a_guess_laid_over_the_owner_cache_never_changes_its_shared_dicts():
     assert hits[1].keys() == {"pod-a", "pod-b"} and hits[1]["pod-b"] == 1.0
 
 
+def test_blocks_nobody_holds_share_one_answer_per_guess():
+    spec = Speculation(ttl=5.0)
+    spec.routed("m", [1, 2, 3], "pod-a")
+    spec.routed("m", [4], "pod-b")
+    empty = [{}, {}, {}, {}, {}]
+    hits = list(empty)
+    spec.overlay("m", [1, 2, 3, 4, 5], hits)
+    assert hits[0] is hits[1] is hits[2] and hits[0].keys() == {"pod-a"}, "a new prefix's blocks, routed together"
+    assert hits[3].keys() == {"pod-b"} and hits[4] == {}
+    assert empty == [{}, {}, {}, {}, {}], "the owner cache's empty answers are never filled in place"
+
+
 def test_speculation_gives_way_to_the_engines_own_events():
     now = [100.0]
     spec = Speculation(ttl=2.0, clock=lambda: now[0])
