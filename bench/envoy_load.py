@@ -210,8 +210,9 @@ def run(sizes: tuple[int, ...] | None = None, variants: tuple[str, ...] | None =
 
         # The no-op and the floor run in processes of their own, as kv-extproc does (bench/floors.py).
         noop = floors.start("noop", workdir)
+        started.append(noop)
         floor = floors.start("floor", workdir, header=header, address=pods[0]["address"])
-        started += [noop, floor]
+        started.append(floor)
         urls: dict[str, str] = {}
         cpu_of: dict[str, int] = {"noop": noop.pid, "floor": floor.pid}
         if "envoy" in variants:

@@ -114,6 +114,8 @@ def main(argv: list[str]) -> None:
     import uvloop
 
     kind, port = argv[0], int(argv[1])
+    if kind not in KINDS:
+        raise SystemExit(f"unknown reference ext_proc {kind!r} (known: {', '.join(KINDS)})")
     header, address = (argv[2], argv[3]) if len(argv) >= 4 else ("", "")
     uvloop.run(serve(kind, port, header, address))
 

@@ -68,7 +68,8 @@ class Speculation:
 
     def overlay(self, model: str, keys: Sequence[int], hits: list[PodTimes | None], start: int = 0) -> None:
         """Add the pods expected to hold each block to ``hits`` (in place, from ``start``). An
-        unknown entry (None) stays unknown: the index must still say who else holds it."""
+        unknown entry (None) stays unknown: the index must still say who else holds it. The
+        answers put in may be shared between blocks: read them, never change them."""
         oldest = self.clock() - self.ttl
         if not self._entries or self._newest <= oldest:
             return
