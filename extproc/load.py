@@ -166,5 +166,7 @@ def record(pod: Pod, load: EngineLoad, ours: int | None = None) -> None:
     """A fresh engine reading, which counts ``ours`` of this replica's requests (default: those
     open now)."""
     pod.engine = load
+    if load.running >= 2:
+        pod.batching = True
     pod.in_flight_at_scrape = pod.in_flight if ours is None else ours
     pod.in_flight_at_record = pod.in_flight

@@ -148,6 +148,9 @@ class Pod:
     """This replica's own requests open here when the engine was read (its reading counts them)."""
     in_flight_at_record: int = 0
     """This replica's own requests open here when that reading was recorded (waiting_ours)."""
+    batching: bool = False
+    """The engine has reported two or more requests running at once: it batches, so a request
+    decoding there does not hold back a new one's prefill (the ttft scorer reads this)."""
     last_pick: int = 0
     """When this replica last chose it (monotonic ns): of equally loaded pods, the one
     chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""
@@ -183,6 +186,15 @@ class Pod:
     def owed(self, now: float, request_tokens: int) -> float:
         """The work our open requests still bring here, in prompt tokens (OpenLedger.owed)."""
         return self.ledger.owed(now, request_tokens, self.waiting_ours())
+
+    def waiting_others(self) -> float:
+        """The other replicas' requests in the engine's queue at its last reading: the queue
+        less our share of it (waiting_ours' share); 0 without a reading."""
+        engine = self.engine
+        if engine is None or engine.waiting <= 0:
+            return 0.0
+        held = engine.waiting + engine.running
+        return engine.waiting * (1.0 - min(1.0, self.in_flight_at_scrape / held))
 
     def waiting_ours(self) -> int:
         """How many of our open requests the engine has not started, if its last reading showed

@@ -9,7 +9,10 @@ start(pod) = tokens the pod must compute for this prompt (those it does not hold
              newest), which have not started and count whole
            + requests ahead of it x queuedRequestTokens
 cost(pod)  = start(pod) + L x tokens the pod must compute for this prompt
-in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus
+in prompt-token equivalents. Once an engine among the candidates has reported two requests
+running at once (it batches, as vLLM does: decodes run beside the next prefills), start counts
+no decodes (requestTokens 0) and, of the requests ahead, only the other replicas' share of the
+engine's queue (Pod.waiting_others); L stays the mean of requests ahead. Requests ahead = pods.load_of (this replica's open requests plus
 the other replicas' share of the engine's last reading; without any reading, our own): each
 costs the work we cannot see (another replica's prefill and decode, how far ours really
 are). L = the mean of requests ahead over the candidates: while the fleet has a queue, every
@@ -72,7 +75,15 @@ class TtftScorer:
         busy = sum(queue) / len(queue)
         uncached = [context.uncached_tokens(pod_id) for pod_id in ids]
         now, request_tokens, per_request = context.now, self.request_tokens, self.queued_request_tokens
-        start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
+        if any(pod.batching for pod in pods):
+            # Engines that batch (one has reported two requests running at once; a fleet runs one
+            # engine release): a request decoding there does not hold back a new prefill, so
+            # neither our open requests' decodes nor the requests running count, only prefills
+            # and the other replicas' share of the queue. Decided for all candidates at once: a
+            # pod not yet seen batching must not look busier than one that has.
+            start = [u + pod.owed(now, 0) + pod.waiting_others() * per_request for pod, u in zip(pods, uncached)]
+        else:
+            start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
         cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}
         soonest = min(start)
         guarded = self.max_start_ratio and busy < self.guard_below_queue

@@ -85,6 +85,47 @@ def test_a_busy_cache_holder_loses_to_a_pod_that_starts_sooner():
     assert decide(profile(), p.all(), {"a": 8}).pod.id == "a"
 
 
+def test_an_engine_reporting_two_requests_running_at_once_batches():
+    p = pool("a", "b")
+    engine(p.get("a"), waiting=3, running=1)
+    assert not p.get("a").batching, "one at a time: it may serve serially"
+    engine(p.get("a"), waiting=0, running=2)
+    engine(p.get("a"), waiting=0, running=0)
+    assert p.get("a").batching, "seen once is enough: an engine does not stop batching"
+    assert not p.get("b").batching
+
+
+def test_with_engines_that_batch_a_decoding_request_holds_no_one_back():
+    """A serial engine makes a new request wait for each open request's decode; one that batches
+    runs the decodes beside the new prefill, so only prefills and others' queued requests count."""
+    now = time.monotonic()
+    for batching in (False, True):
+        p = pool("a", "b")
+        a, b = p.get("a"), p.get("b")
+        engine(a, running=1)
+        engine(b, running=2 if batching else 1)
+        for pod in (a, b):  # one request of ours each, its prefill done (nothing uncached)
+            pod.opened(0, now)
+            record(pod, EngineLoad(0.0, 2.0 if batching else 1.0, 0.0, time.monotonic()), ours=1)
+        d = decide(profile(), p.all(), {"a": 8}, now=now)
+        if batching:
+            assert d.raw["ttft"]["a"] == 0.0 and d.pod.id == "a", "the decodes cost no one a wait"
+        else:
+            assert d.raw["ttft"]["a"] > 1536, "a's decode (requestTokens) and one request ahead"
+
+
+def test_the_other_replicas_share_of_the_queue_still_counts_where_engines_batch():
+    p = pool("a", "b")
+    a, b = p.get("a"), p.get("b")
+    now = time.monotonic()
+    a.opened(0, now)
+    record(a, EngineLoad(4.0, 4.0, 0.0, time.monotonic()), ours=2)  # 8 held, 2 ours: 3 of the 4 waiting are others'
+    engine(b, running=2)
+    assert a.waiting_others() == 3.0
+    d = decide(profile(queuedRequestTokens=100), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] == 300.0, "a holds the prompt: its cost is the 3 others' requests queued ahead"
+
+
 def test_load_is_our_open_requests_now_plus_the_other_replicas_share_of_the_reading():
     p = pool("a", "b")
     a = p.get("a")
