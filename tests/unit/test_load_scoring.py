@@ -126,6 +126,41 @@ def test_the_other_replicas_share_of_the_queue_still_counts_where_engines_batch(
     assert d.raw["ttft"]["a"] == 300.0, "a holds the prompt: its cost is the 3 others' requests queued ahead"
 
 
+def test_one_engine_seen_batching_is_enough_for_every_candidate():
+    """A fleet runs one engine release: a pod not yet seen with two running is scored as batching
+    too, or it would look busier than the pods that have shown it and draw less than its share."""
+    now = time.monotonic()
+    p = pool("a", "b")
+    a, b = p.get("a"), p.get("b")
+    a.opened(0, now)
+    record(a, EngineLoad(0.0, 1.0, 0.0, time.monotonic()), ours=1)  # one of ours, decoding
+    engine(b, running=2)
+    assert not a.batching and b.batching
+    d = decide(profile(), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] == 0.0 and d.pod.id == "a", "a's decode holds no one back"
+
+
+def test_the_queue_of_other_replicas_is_never_negative_nor_made_up():
+    p = pool("a")
+    a = p.get("a")
+    assert a.waiting_others() == 0.0, "no reading"
+    record(a, EngineLoad(0.0, 3.0, 0.0, time.monotonic()), ours=1)
+    assert a.waiting_others() == 0.0, "nothing waiting"
+    record(a, EngineLoad(2.0, 1.0, 0.0, time.monotonic()), ours=5)  # more of ours than it held
+    assert a.waiting_others() == 0.0
+
+
+def test_where_engines_batch_a_pod_without_a_reading_is_not_idle():
+    p = pool("a", "b", "c")
+    a, b, c = p.get("a"), p.get("b"), p.get("c")
+    record(a, EngineLoad(6.0, 2.0, 0.0, time.monotonic()), ours=0)  # six others' requests queued
+    record(b, EngineLoad(2.0, 2.0, 0.0, time.monotonic()), ours=0)  # two
+    d = decide(profile(queuedRequestTokens=100), p.all(), {"a": 8, "b": 8, "c": 8})
+    assert c.engine is None
+    assert d.raw["ttft"]["c"] == 400.0, "the mean of the others' queues (4 x 100), not an empty one"
+    assert d.pod.id == "b"
+
+
 def test_load_is_our_open_requests_now_plus_the_other_replicas_share_of_the_reading():
     p = pool("a", "b")
     a = p.get("a")
