@@ -187,14 +187,19 @@ class Pod:
         """The work our open requests still bring here, in prompt tokens (OpenLedger.owed)."""
         return self.ledger.owed(now, request_tokens, self.waiting_ours())
 
-    def waiting_others(self) -> float:
-        """The other replicas' requests in the engine's queue at its last reading: the queue
-        less our share of it (waiting_ours' share); 0 without a reading."""
+    def _ours_of_queue(self) -> float | None:
+        """Our part of what the engine held at its last reading (ours / all it held, at most
+        1), which is our part of its queue too; None when that reading showed no queue."""
         engine = self.engine
         if engine is None or engine.waiting <= 0:
-            return 0.0
-        held = engine.waiting + engine.running
-        return engine.waiting * (1.0 - min(1.0, self.in_flight_at_scrape / held))
+            return None
+        return min(1.0, self.in_flight_at_scrape / (engine.waiting + engine.running))
+
+    def waiting_others(self) -> float:
+        """The other replicas' requests in the engine's queue at its last reading: the queue
+        less our share of it; 0 without a reading."""
+        ours = self._ours_of_queue()
+        return 0.0 if ours is None else self.engine.waiting * (1.0 - ours)  # type: ignore[union-attr]
 
     def waiting_ours(self) -> int:
         """How many of our open requests the engine has not started, if its last reading showed
@@ -203,11 +208,10 @@ class Pod:
         ours; those it ran are first in line and first to end, and each end lets the next
         start, so the ones waiting now are all ours open but those it ran then. With other
         replicas' requests in the queue too, that is true on average."""
-        engine = self.engine
-        if engine is None or engine.waiting <= 0:
+        ours = self._ours_of_queue()
+        if ours is None:
             return 0
-        held = engine.waiting + engine.running
-        share = engine.waiting * min(1.0, self.in_flight_at_scrape / held)
+        share = self.engine.waiting * ours  # type: ignore[union-attr]
         queued = min(self.in_flight_at_record, int(share + 0.5))
         return max(0, self.in_flight - (self.in_flight_at_record - queued))
 

@@ -15,8 +15,8 @@ no decodes (requestTokens 0) and, of the requests ahead, only the other replicas
 engine's queue (Pod.waiting_others; the candidates' mean for a pod without a fresh reading).
 L and the guard still read requests ahead with those running, as measured; on engines that
 batch, L >= guardBelowQueue is then common and the guard is mostly off (a next step: L from
-the queues alone, measured on both pod models). Requests ahead = pods.load_of (this replica's open requests plus
-the other replicas' share of the engine's last reading; without any reading, our own): each
+the queues alone, measured on both pod models). Requests ahead = pods.load_of (this
+replica's open requests plus the other replicas' share of the engine's last reading; without any reading, our own): each
 costs the work we cannot see (another replica's prefill and decode, how far ours really
 are). L = the mean of requests ahead over the candidates: while the fleet has a queue, every
 token a pod computes for this request delays the requests queued behind it, so the busier the
@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 from ..pods import Pod
 from .base import Context, Scores
-from .load import ahead
+from .load import ahead, fill_unknown
 
 
 GUARDED_SHARE = 0.01
@@ -85,11 +85,8 @@ class TtftScorer:
             # and the other replicas' share of the queue. Decided for all candidates at once: a
             # pod not yet seen batching must not look busier than one that has. A pod without a
             # fresh reading takes the mean of the others' queues: unknown is not idle.
-            others = [pod.waiting_others() if a is not None else None for pod, a in zip(pods, aheads)]
-            seen = [w for w in others if w is not None]
-            fill = sum(seen) / len(seen) if seen else 0.0
-            start = [u + pod.owed(now, 0) + (fill if w is None else w) * per_request
-                     for pod, u, w in zip(pods, uncached, others)]
+            others = fill_unknown({pod.id: pod.waiting_others() if pod.engine is not None else None for pod in pods})
+            start = [u + pod.owed(now, 0) + others[pod.id] * per_request for pod, u in zip(pods, uncached)]
         else:
             start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
         cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}
