@@ -9,18 +9,20 @@ start(pod) = tokens the pod must compute for this prompt (those it does not hold
              newest), which have not started and count whole
            + requests ahead of it x queuedRequestTokens
 cost(pod)  = start(pod) + L x tokens the pod must compute for this prompt
-in prompt-token equivalents. Once an engine among the candidates has reported two requests
-running at once (it batches, as vLLM does: decodes run beside the next prefills), start counts
-no decodes (requestTokens 0) and, of the requests ahead, only the other replicas' share of the
-engine's queue (Pod.waiting_others; the candidates' mean for a pod without a fresh reading).
-L and the guard still read requests ahead with those running, as measured; on engines that
-batch, L >= guardBelowQueue is then common and the guard is mostly off (a next step: L from
-the queues alone, measured on both pod models). Requests ahead = pods.load_of (this
-replica's open requests plus the other replicas' share of the engine's last reading; without any reading, our own): each
+in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus
+the other replicas' share of the engine's last reading; without any reading, our own): each
 costs the work we cannot see (another replica's prefill and decode, how far ours really
 are). L = the mean of requests ahead over the candidates: while the fleet has a queue, every
 token a pod computes for this request delays the requests queued behind it, so the busier the
 fleet, the more a cached prefix is worth.
+
+Where engines batch (as vLLM does: decodes run beside the next prefills; see batches()),
+start counts no decodes (requestTokens 0) and, of the requests ahead, only the other
+replicas' share of the engine's queue (Pod.waiting_others; the candidates' mean for a pod
+without a fresh reading). L there is the median of requests ahead over the candidates, not
+the mean: with the mean, a hot tenant's prefills queued on the one pod holding its prompt
+raised L for every candidate, a cold prefill anywhere else looked dearer than that queue,
+and all of the tenant's traffic stayed on the one pod (tests/integration/test_load_aware.py).
 
 The tail guard: a pod whose start is later than maxStartRatio x the soonest start +
 startSlackTokens ranks below every pod in band, whatever its cache saves the others: it
@@ -42,6 +44,7 @@ Measured on bench/fleet.py; the figures and the values tried are in the README.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import median
 
 from ..pods import Pod
 from .base import Context, Scores
@@ -78,15 +81,18 @@ class TtftScorer:
         busy = sum(queue) / len(queue)
         uncached = [context.uncached_tokens(pod_id) for pod_id in ids]
         now, request_tokens, per_request = context.now, self.request_tokens, self.queued_request_tokens
-        if any(pod.batching for pod in pods):
-            # Engines that batch (one has reported two requests running at once; a fleet runs one
-            # engine release): a request decoding there does not hold back a new prefill, so
-            # neither our open requests' decodes nor the requests running count, only prefills
-            # and the other replicas' share of the queue. Decided for all candidates at once: a
-            # pod not yet seen batching must not look busier than one that has. A pod without a
-            # fresh reading takes the mean of the others' queues: unknown is not idle.
+        if batches(pods):
+            # Engines that batch (batches()): a request decoding there does not hold back a new
+            # prefill, so neither our open requests' decodes nor the requests running count,
+            # only prefills and the other replicas' share of the queue. Decided for all
+            # candidates at once: a pod not yet seen batching must not look busier than one
+            # that has. A pod without a fresh reading takes the mean of the others' queues:
+            # unknown is not idle.
             others = fill_unknown({pod.id: pod.waiting_others() if pod.engine is not None else None for pod in pods})
             start = [u + pod.owed(now, 0) + others[pod.id] * per_request for pod, u in zip(pods, uncached)]
+            # L from the median pod, not the mean: a hot prefix queued on the one pod holding it
+            # must not make every pod's cache worth more, or it keeps drawing the prefix there.
+            busy = median(queue)
         else:
             start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
         cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}
@@ -100,6 +106,15 @@ class TtftScorer:
             share = GUARDED_SHARE * min(values.values())
             values.update({pod_id: share * v for pod_id, v in _relative(out, block).items()})
         return Scores(values, cost)
+
+
+def batches(pods: Sequence[Pod]) -> bool:
+    """Whether to score the candidates as engines that batch: once one has reported two requests
+    running at once (a fleet runs one engine release, so one decides for all), and while some
+    candidate has a fresh reading. Without one, our open requests are all that shows a pod's
+    load, and each one's decode must count, or a cached prefix would draw every request
+    however many already wait there."""
+    return any(pod.batching for pod in pods) and any(pod.engine is not None for pod in pods)
 
 
 def _relative(costs: dict[str, float], block: int) -> dict[str, float]:

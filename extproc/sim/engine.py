@@ -266,6 +266,8 @@ class SimulatedEngine:
         self.queries = 0
         self.waiting = 0
         self.running = 0
+        self.peak_running = 0
+        """The most requests it has run at once (two or more: it has been seen batching)."""
         self._prefill = threading.Lock()
         self._counts = threading.Lock()
 
@@ -283,6 +285,7 @@ class SimulatedEngine:
                 with self._counts:
                     self.waiting -= 1
                     self.running += 1
+                    self.peak_running = max(self.peak_running, self.running)
                 hit, events = self.cache.admit(tokens) if tokens else (0, [])
                 if self.prefill_tokens_per_s:
                     time.sleep((len(tokens) - hit) / self.prefill_tokens_per_s)

@@ -140,6 +140,38 @@ def test_one_engine_seen_batching_is_enough_for_every_candidate():
     assert d.raw["ttft"]["a"] == 0.0 and d.pod.id == "a", "a's decode holds no one back"
 
 
+def test_where_engines_batch_a_prefix_queued_on_the_one_pod_holding_it_spreads():
+    """L is the median pod's queue there: one pod's pile (a hot tenant's prefills queued where
+    its prompt is cached) does not make the cache worth more everywhere. With the mean (8/3),
+    b's cold prefill would cost 2048 x (1 + 8/3) and the prompt would stay on a."""
+    p = pool("a", "b", "c")
+    a, b, c = p.get("a"), p.get("b"), p.get("c")
+    record(a, EngineLoad(6.0, 2.0, 0.0, time.monotonic()), ours=0)  # six others' requests queued
+    engine(b, running=2)  # seen batching once
+    engine(b)
+    engine(c)
+    d = decide(profile(), p.all(), {"a": 128}, total_blocks=128, prompt_tokens=2048)
+    assert d.raw["ttft"]["a"] == 6 * 512, "a holds it all: its cost is the queue ahead"
+    assert d.raw["ttft"]["b"] == 2048, "b computes it all, and the median pod queues nothing"
+    assert d.pod.id in ("b", "c")
+
+
+def test_without_a_fresh_reading_our_open_requests_decodes_count_even_where_engines_batch():
+    """With no engine reading, our open requests are all that shows a pod's load: counting
+    only their prefill, a cached prefix would draw every request, however many are open."""
+    now = time.monotonic()
+    p = pool("a", "b")
+    a, b = p.get("a"), p.get("b")
+    engine(a, running=2)
+    for _ in range(4):
+        a.opened(0, now)
+    a.engine = b.engine = None  # stale: forgotten (LoadScraper.expire)
+    assert a.batching
+    d = decide(profile(), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] >= 4 * 1536, "four requests of ours decoding, each counted"
+    assert d.pod.id == "b"
+
+
 def test_the_queue_of_other_replicas_is_never_negative_nor_made_up():
     p = pool("a")
     a = p.get("a")
