@@ -266,8 +266,12 @@ class _PodCollector(Collector):
             lifetime = GaugeMetricFamily("kv_extproc_pod_request_lifetime_seconds",
                                          "A typical request of this process's to the pod, routing to the end of its "
                                          "ext_proc stream (EWMA; absent until one ended).", labels=["pod"])
+            batching = GaugeMetricFamily("kv_extproc_pod_engine_batching",
+                                         "1 once the engine has reported two requests running at once: the ttft "
+                                         "scorer counts no decodes ahead there.", labels=["pod"])
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
+                batching.add_metric([pod.id], 1.0 if pod.batching else 0.0)
                 owed.add_metric([pod.id], float(pod.open_tokens))
                 if pod.ledger.lifetime is not None:
                     lifetime.add_metric([pod.id], pod.ledger.lifetime)
@@ -276,6 +280,7 @@ class _PodCollector(Collector):
                     engine["requests_running"].add_metric([pod.id], pod.engine.running)
                     engine["kv_cache_usage"].add_metric([pod.id], pod.engine.kv_usage)
             yield healthy
+            yield batching
             yield owed
             yield lifetime
             yield from engine.values()

@@ -12,15 +12,16 @@ cost(pod)  = start(pod) + L x tokens the pod must compute for this prompt
 in prompt-token equivalents. Requests ahead = pods.load_of (this replica's open requests plus
 the other replicas' share of the engine's last reading; without any reading, our own): each
 costs the work we cannot see (another replica's prefill and decode, how far ours really
-are). L = the mean of requests ahead over the candidates: while the fleet has a queue, every
-token a pod computes for this request delays the requests queued behind it, so the busier the
-fleet, the more a cached prefix is worth.
+are). L = the mean of requests ahead over the candidates (where engines batch, the median:
+below): while the fleet has a queue, every token a pod computes for this request delays the
+requests queued behind it, so the busier the fleet, the more a cached prefix is worth.
 
 Where engines batch (as vLLM does: decodes run beside the next prefills; see batches()),
 start counts no decodes (requestTokens 0) and, of the requests ahead, only the other
 replicas' share of the engine's queue (Pod.waiting_others; the candidates' mean for a pod
-without a fresh reading). L there is the median of requests ahead over the candidates, not
-the mean: with the mean, a hot tenant's prefills queued on the one pod holding its prompt
+without a fresh reading). L there (the guard's too) is the median of requests ahead over the
+candidates, the lower of the middle two (of two candidates, their mean would be the mean
+again): with the mean, a hot tenant's prefills queued on the one pod holding its prompt
 raised L for every candidate, a cold prefill anywhere else looked dearer than that queue,
 and all of the tenant's traffic stayed on the one pod (tests/integration/test_load_aware.py).
 
@@ -28,7 +29,7 @@ The tail guard: a pod whose start is later than maxStartRatio x the soonest star
 startSlackTokens ranks below every pod in band, whatever its cache saves the others: it
 scores at most GUARDED_SHARE of the lowest in-band score, ordered by cost among the guarded,
 so a retry that runs out of pods in band still goes to the cheapest of the rest. L buys hit
-rate (the mean); the guard stops it from buying it with one request's long wait (the p99).
+rate (the mean TTFT); the guard stops it from buying it with one request's long wait (the p99).
 It holds while L is below guardBelowQueue: with a deeper queue everyone waits anyway, and a
 prefix recomputed elsewhere costs the requests behind it more than the wait costs this one
 (a burst sharing a new prefix then shares one pod's copy instead of each member paying a
@@ -44,7 +45,7 @@ Measured on bench/fleet.py; the figures and the values tried are in the README.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from statistics import median
+from statistics import median_low
 
 from ..pods import Pod
 from .base import Context, Scores
@@ -90,9 +91,10 @@ class TtftScorer:
             # unknown is not idle.
             others = fill_unknown({pod.id: pod.waiting_others() if pod.engine is not None else None for pod in pods})
             start = [u + pod.owed(now, 0) + others[pod.id] * per_request for pod, u in zip(pods, uncached)]
-            # L from the median pod, not the mean: a hot prefix queued on the one pod holding it
-            # must not make every pod's cache worth more, or it keeps drawing the prefix there.
-            busy = median(queue)
+            # L from the median pod (the lower of two), not the mean: a hot prefix queued on the
+            # one pod holding it must not make every pod's cache worth more, or it keeps drawing
+            # the prefix there.
+            busy = median_low(queue)
         else:
             start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
         cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}

@@ -46,8 +46,9 @@ def run_hot_tenant(workdir, tokenizer, tokenizer_dir, hosts_from: int, *, warm_u
             other = LoadLoop(proxy.url, total=60, threads=8,
                              prompt=lambda i: [{"role": "user", "content": f"other tenant {i} " * 20}]).start().join()
             assert not other.failures()
-            assert all(pod.engine.peak_running >= 2 for pod in pods.values()), "every engine seen batching"
-            time.sleep(0.3)  # scraped since
+            assert all(pod.engine.peak_running >= 2 for pod in pods.values()), "every engine ran two at once"
+            wait_until(lambda: all(f'kv_extproc_pod_engine_batching{{pod="{name}"}} 1.0' in proc.metrics()
+                                   for name in pods), what="kv-extproc to see every engine batching")
         prompt = hot_tenant(1)
         warm = LoadLoop(proxy.url, total=1, threads=1, prompt=prompt).start().join()  # one pod caches it
         assert not warm.failures()
@@ -81,7 +82,8 @@ def test_a_hot_tenant_spreads_over_pods_and_answers_sooner_than_longest_prefix(w
 def test_a_hot_tenant_arriving_where_engines_are_seen_batching_spreads_too(workdir, tokenizer, tokenizer_dir):
     """Engines that batch run decodes beside a new prefill, so only queued prefills count
     ahead of a request there; the hot tenant's prefills queue on the pod that cached its
-    prompt all the same, and the queue must still send it to other pods."""
+    prompt all the same, and the queue must still send it to other pods. (With L the
+    candidates' mean, all 48 requests stayed on that pod: its own queue raised L for all.)"""
     ttft = run_hot_tenant(workdir, tokenizer, tokenizer_dir, hosts_from=48, warm_up=True)
     seed = run_hot_tenant(workdir, tokenizer, tokenizer_dir, hosts_from=52, warm_up=True,
                           scoring={"scorers": [{"type": "prefix"}]})

@@ -156,6 +156,18 @@ def test_where_engines_batch_a_prefix_queued_on_the_one_pod_holding_it_spreads()
     assert d.pod.id in ("b", "c")
 
 
+def test_where_engines_batch_of_two_candidates_the_less_busy_one_sets_l():
+    """Of two, the median would be their mean: a holds the prompt with eight requests ahead,
+    b is idle. L is b's queue (none), so b's cold prefill costs only itself."""
+    p = pool("a", "b")
+    a, b = p.get("a"), p.get("b")
+    record(a, EngineLoad(6.0, 2.0, 0.0, time.monotonic()), ours=0)
+    engine(b, running=2)
+    engine(b)
+    d = decide(profile(), p.all(), {"a": 128}, total_blocks=128, prompt_tokens=2048)
+    assert d.raw["ttft"]["b"] == 2048 and d.pod.id == "b"
+
+
 def test_without_a_fresh_reading_our_open_requests_decodes_count_even_where_engines_batch():
     """With no engine reading, our open requests are all that shows a pod's load: counting
     only their prefill, a cached prefix would draw every request, however many are open."""
@@ -163,6 +175,7 @@ def test_without_a_fresh_reading_our_open_requests_decodes_count_even_where_engi
     p = pool("a", "b")
     a, b = p.get("a"), p.get("b")
     engine(a, running=2)
+    engine(b)
     for _ in range(4):
         a.opened(0, now)
     a.engine = b.engine = None  # stale: forgotten (LoadScraper.expire)
