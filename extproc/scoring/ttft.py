@@ -79,7 +79,6 @@ class TtftScorer:
         else:
             mean = sum(known) / len(known)  # a pod without a reading: unknown is not idle
             queue = [max(float(pod.in_flight), mean if a is None else a) for pod, a in zip(pods, aheads)]
-        busy = sum(queue) / len(queue)
         uncached = [context.uncached_tokens(pod_id) for pod_id in ids]
         now, request_tokens, per_request = context.now, self.request_tokens, self.queued_request_tokens
         if batches(pods):
@@ -97,6 +96,7 @@ class TtftScorer:
             busy = median_low(queue)
         else:
             start = [u + pod.owed(now, request_tokens) + q * per_request for pod, u, q in zip(pods, uncached, queue)]
+            busy = sum(queue) / len(queue)
         cost = {pod_id: s + busy * u for pod_id, s, u in zip(ids, start, uncached)}
         soonest = min(start)
         guarded = self.max_start_ratio and busy < self.guard_below_queue
