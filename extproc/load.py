@@ -168,5 +168,7 @@ def record(pod: Pod, load: EngineLoad, ours: int | None = None) -> None:
     pod.engine = load
     if load.running >= 2:
         pod.batching = True
+    elif load.waiting >= 1 and load.running == 1:
+        pod.serial = True
     pod.in_flight_at_scrape = pod.in_flight if ours is None else ours
     pod.in_flight_at_record = pod.in_flight

@@ -267,11 +267,17 @@ class _PodCollector(Collector):
                                          "A typical request of this process's to the pod, routing to the end of its "
                                          "ext_proc stream (EWMA; absent until one ended).", labels=["pod"])
             batching = GaugeMetricFamily("kv_extproc_pod_engine_batching",
-                                         "1 once the engine has reported two requests running at once: the ttft "
-                                         "scorer counts no decodes ahead there.", labels=["pod"])
+                                         "1 once the engine has reported two requests running at once: it batches, "
+                                         "and the ttft scorer counts no decodes ahead.", labels=["pod"])
+            serial = GaugeMetricFamily("kv_extproc_pod_engine_serial",
+                                       "1 once the engine has reported requests waiting beside a single one "
+                                       "running: unless another was seen batching, the ttft scorer counts the "
+                                       "decodes ahead (engines are taken to batch until one shows this).",
+                                       labels=["pod"])
             for pod in self._pool.all():
                 healthy.add_metric([pod.id], 1.0 if pod.healthy else 0.0)
                 batching.add_metric([pod.id], 1.0 if pod.batching else 0.0)
+                serial.add_metric([pod.id], 1.0 if pod.serial else 0.0)
                 owed.add_metric([pod.id], float(pod.open_tokens))
                 if pod.ledger.lifetime is not None:
                     lifetime.add_metric([pod.id], pod.ledger.lifetime)
@@ -281,6 +287,7 @@ class _PodCollector(Collector):
                     engine["kv_cache_usage"].add_metric([pod.id], pod.engine.kv_usage)
             yield healthy
             yield batching
+            yield serial
             yield owed
             yield lifetime
             yield from engine.values()

@@ -151,6 +151,9 @@ class Pod:
     batching: bool = False
     """The engine has reported two or more requests running at once: it batches, so a request
     decoding there does not hold back a new one's prefill (the ttft scorer reads this)."""
+    serial: bool = False
+    """The engine has reported requests waiting beside a single one running: it may serve one
+    at a time, decode included (unless it has also been seen batching, which wins)."""
     last_pick: int = 0
     """When this replica last chose it (monotonic ns): of equally loaded pods, the one
     chosen longest ago has done the most of its work, so it goes first (as round-robin would)."""

@@ -111,12 +111,16 @@ class TtftScorer:
 
 
 def batches(pods: Sequence[Pod]) -> bool:
-    """Whether to score the candidates as engines that batch: once one has reported two requests
-    running at once (a fleet runs one engine release, so one decides for all), and while some
-    candidate has a fresh reading. Without one, our open requests are all that shows a pod's
-    load, and each one's decode must count, or a cached prefix would draw every request
-    however many already wait there."""
-    return any(pod.batching for pod in pods) and any(pod.engine is not None for pod in pods)
+    """Whether to score the candidates as engines that batch: vLLM does, so they are taken to
+    batch unless one has shown a queue beside a single running request (a serial engine) and
+    none has shown two running at once (which settles it: a fleet runs one engine release, so
+    one decides for all); and only while some candidate has a fresh reading. Without one, our
+    open requests are all that shows a pod's load, and each one's decode must count, or a
+    cached prefix would draw every request however many already wait there. A fleet at light
+    load may never show two running, and waiting for it cost cache hits there."""
+    if not any(pod.engine is not None for pod in pods):
+        return False
+    return any(pod.batching for pod in pods) or not any(pod.serial for pod in pods)
 
 
 def _relative(costs: dict[str, float], block: int) -> dict[str, float]:

@@ -81,6 +81,7 @@ def test_a_hot_tenant_spreads_over_pods_and_answers_sooner_than_longest_prefix(w
     seed = run_hot_tenant(workdir, tokenizer, tokenizer_dir, hosts_from=44, scoring={"scorers": [{"type": "prefix"}]})
     for pod in ("pod-a", "pod-b", "pod-c"):  # every engine's queue was read and is exported
         assert f'kv_extproc_pod_engine_requests_waiting{{pod="{pod}"}}' in ttft["metrics"]
+        assert f'kv_extproc_pod_engine_serial{{pod="{pod}"}}' in ttft["metrics"]
     assert_spread_and_sooner(ttft, seed)
 
 

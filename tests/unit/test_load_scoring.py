@@ -48,6 +48,14 @@ def engine(pod, waiting=0.0, running=0.0, kv=0.0):
     record(pod, EngineLoad(waiting, running, kv, time.monotonic()))
 
 
+def serving_one_at_a_time(*pods):
+    """Engines that have shown requests waiting beside a single one running: they may serve one
+    at a time, decode included, and the ttft scorer counts each open request's decode there."""
+    for pod in pods:
+        engine(pod, waiting=1, running=1)
+    assert all(pod.serial for pod in pods)
+
+
 def decide(prof, pods, matched, *, total_blocks=8, block=16, prompt_tokens=128, now=None):
     context = Context(REQUEST, matched, total_blocks, block, prompt_tokens)
     if now is not None:
@@ -88,11 +96,35 @@ def test_a_busy_cache_holder_loses_to_a_pod_that_starts_sooner():
 def test_an_engine_reporting_two_requests_running_at_once_batches():
     p = pool("a", "b")
     engine(p.get("a"), waiting=3, running=1)
-    assert not p.get("a").batching, "one at a time: it may serve serially"
+    assert not p.get("a").batching and p.get("a").serial, "one at a time: it may serve serially"
     engine(p.get("a"), waiting=0, running=2)
     engine(p.get("a"), waiting=0, running=0)
     assert p.get("a").batching, "seen once is enough: an engine does not stop batching"
     assert not p.get("b").batching
+
+
+def test_engines_are_taken_to_batch_until_one_shows_a_queue_beside_a_single_running_request():
+    """vLLM batches, and a fleet at light load may never show two running at once: until an
+    engine shows it serves one at a time, a request of ours decoding holds no one back."""
+    now = time.monotonic()
+    p = pool("a", "b", "c")
+    a, b, c = p.get("a"), p.get("b"), p.get("c")
+    for pod in p.all():
+        engine(pod)
+    a.opened(0, now)  # one of ours on a, its prefill done (nothing uncached): decoding
+    record(a, EngineLoad(0.0, 1.0, 0.0, time.monotonic()), ours=1)
+    assert not any(pod.batching or pod.serial for pod in p.all())
+    d = decide(profile(), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] == 0.0 and d.pod.id == "a", "taken to batch: the decode costs no one a wait"
+    engine(b, waiting=2, running=1)  # a queue beside one running: b may serve serially
+    engine(b)
+    assert b.serial and not b.batching
+    d = decide(profile(), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] > 1536, "one engine of the release serves serially: a's decode counts"
+    engine(c, running=2)  # another was seen batching: that settles it
+    engine(c)
+    d = decide(profile(), p.all(), {"a": 8}, now=now)
+    assert d.raw["ttft"]["a"] == 0.0 and d.pod.id == "a"
 
 
 def test_with_engines_that_batch_a_decoding_request_holds_no_one_back():
@@ -102,6 +134,8 @@ def test_with_engines_that_batch_a_decoding_request_holds_no_one_back():
     for batching in (False, True):
         p = pool("a", "b")
         a, b = p.get("a"), p.get("b")
+        if not batching:
+            serving_one_at_a_time(a, b)
         engine(a, running=1)
         engine(b, running=2 if batching else 1)
         for pod in (a, b):  # one request of ours each, its prefill done (nothing uncached)
@@ -222,6 +256,7 @@ def test_load_is_our_open_requests_now_plus_the_other_replicas_share_of_the_read
 def test_the_busier_the_fleet_the_more_a_cached_prefix_is_worth():
     """Recomputed tokens delay whoever queues behind them: they weigh 1 + the mean queue."""
     p = pool("a", "b")
+    serving_one_at_a_time(*p.all())
     engine(p.get("a"), waiting=1)  # holds the whole prompt, one request ahead
     engine(p.get("b"))  # holds nothing, idle
     d = decide(profile(queuedRequestTokens=150), p.all(), {"a": 8})
@@ -235,6 +270,7 @@ def test_a_cached_pod_does_not_win_by_making_this_request_start_much_later():
     (L = 1.5), a saves the others 1.5 x 2048; but this request would start 1.5x later there,
     past 1.25x + 256, so an idle pod takes it. Without the guard, a would."""
     p = pool("a", "b", "c", "d")
+    serving_one_at_a_time(*p.all())
     engine(p.get("a"), waiting=6)
     for pod in ("b", "c", "d"):
         engine(p.get(pod))
@@ -265,6 +301,7 @@ def test_the_tail_guard_gives_way_once_the_fleet_has_a_deep_queue():
     a holds the prompt with 8 ahead (start 4096), b nothing with 1 ahead (start 2560): a is
     past 1.25 x 2560 + 256, but L = 4.5."""
     p = pool("a", "b")
+    serving_one_at_a_time(*p.all())
     engine(p.get("a"), waiting=8)
     engine(p.get("b"), waiting=1)
     kwargs = dict(total_blocks=128, prompt_tokens=2048)
@@ -274,6 +311,7 @@ def test_the_tail_guard_gives_way_once_the_fleet_has_a_deep_queue():
 
 def test_requests_sent_since_the_last_reading_count_as_queued():
     p = pool("a", "b")
+    serving_one_at_a_time(*p.all())
     engine(p.get("a"))
     engine(p.get("b"))
     p.get("a").in_flight = 2
@@ -301,6 +339,7 @@ def test_a_pod_whose_request_is_nearly_done_goes_before_one_whose_request_just_b
     """Both pods run one of our requests of the same size, and ours take 1 s there. The one
     routed 0.9 s ago has a tenth of its work left; the one routed 0.1 s ago, nine tenths."""
     p = pool("a", "b")
+    serving_one_at_a_time(*p.all())
     for pod in p.all():
         engine(pod)
         pod.closed(pod.opened(500, 0.0), 1.0)  # a request of ours took 1 s: the pod's lifetime
